@@ -1,0 +1,229 @@
+"""FoX language model as a LightningModule (FoX, Transformer-RoPE, Transformer-NoPE and gate ablations by flags).
+
+Training: next-token cross-entropy on ``seq_len`` windows.  Validation runs on windows ``eval_factor`` times longer
+than training (from the datamodule) and gives
+
+* ``val/loss``: the loss on positions ``[0, T_train)`` (in-length), the number to monitor;
+* ``val/loss_{a}_{b}``: the loss on each position bin, the paper's per-token-loss analysis scaled down
+  (bins ``[0, T/2), [T/2, T), [T, 2T), [2T, 4T), ...``);
+* ``gates/*``: per layer and head, mean ``log f``, fraction of tokens with ``f > 0.9`` and the decay time
+  ``-1 / mean log f`` on in-length validation tokens.
+
+``self.analysis`` keeps the full curves for ``callbacks.fox_report.FoXReport``, which writes PNG + CSV.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Literal, Optional, Tuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from lightning_modules.fox_model import FoXConfig, FoXTransformer
+
+
+class PositionalLoss(Metric):
+    """Sum and count of the per-token loss at every position (DDP-reduced by torchmetrics)."""
+
+    full_state_update = False
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.add_state("total", torch.zeros(length, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(length, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, token_loss: torch.Tensor) -> None:  # (B, T)
+        t = token_loss.shape[1]
+        self.total[:t] += token_loss.detach().double().sum(0)
+        self.count[:t] += token_loss.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp_min(1)
+
+
+class GateStats(Metric):
+    """Per layer x head: sum of log f, count of f > 0.9, token count."""
+
+    full_state_update = False
+
+    def __init__(self, n_layers: int, n_heads: int):
+        super().__init__()
+        self.add_state("sum_log_f", torch.zeros(n_layers, n_heads, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_open", torch.zeros(n_layers, n_heads, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, log_fs: List[torch.Tensor]) -> None:  # each (B, T, H)
+        stacked = torch.stack([lf.double() for lf in log_fs])  # (L, B, T, H)
+        self.sum_log_f += stacked.sum((1, 2))
+        self.n_open += (stacked > math.log(0.9)).double().sum((1, 2))
+        self.n += stacked.shape[1] * stacked.shape[2]
+
+    def compute(self):
+        mean = self.sum_log_f / self.n.clamp_min(1)
+        return {"mean_log_f": mean, "frac_f_gt_0.9": self.n_open / self.n.clamp_min(1),
+                "decay_time": -1.0 / mean.clamp_max(-1e-12)}
+
+
+def position_bins(train_len: int, eval_len: int) -> List[Tuple[int, int]]:
+    """``[0, T/2), [T/2, T), [T, 2T), [2T, 4T), ...`` clipped to ``eval_len``."""
+    bins = [(0, max(1, train_len // 2)), (max(1, train_len // 2), train_len)] if train_len > 1 else [(0, 1)]
+    lo = train_len
+    while lo < eval_len:
+        hi = min(2 * lo, eval_len)
+        bins.append((lo, hi))
+        lo = hi
+    return [(a, b) for a, b in bins if a < b <= eval_len]
+
+
+class FoXLM(L.LightningModule):
+    """Forgetting Transformer LM.  Sizes left ``None`` (``vocab_size``, ``train_seq_len``) come from the datamodule."""
+
+    def __init__(
+        self,
+        vocab_size: Optional[int] = None,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        block: Literal["llama", "pro"] = "llama",
+        hidden_ratio: Optional[float] = None,
+        mlp_multiple_of: int = 256,
+        fgate: Literal["full", "bias_only", "fixed", "none"] = "full",
+        fgate_bias_init: Optional[List[float]] = None,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        qk_norm_share_across_heads: bool = False,
+        init_std: float = 0.02,
+        attn_backend: Literal["auto", "dense", "blockwise", "flex", "fla"] = "auto",
+        attn_block_size: int = 256,
+        activation_checkpointing: bool = False,
+        lr: float = 3e-3,
+        betas: Tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        warmup: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        train_seq_len: Optional[int] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (a fraction of training if < 1, else steps), got {warmup}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.model: Optional[FoXTransformer] = None
+        self.analysis: dict = {}
+        if vocab_size is not None:  # otherwise built in configure_model once the datamodule is known
+            self._build(vocab_size)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _config(self, vocab_size: int) -> FoXConfig:
+        hp = self.hparams
+        return FoXConfig(
+            vocab_size=vocab_size, d_model=hp.d_model, n_layers=hp.n_layers, n_heads=hp.n_heads, block=hp.block,
+            hidden_ratio=hp.hidden_ratio, mlp_multiple_of=hp.mlp_multiple_of, fgate=hp.fgate,
+            fgate_bias_init=hp.fgate_bias_init, rope=hp.rope, rope_base=hp.rope_base,
+            qk_norm_share_across_heads=hp.qk_norm_share_across_heads, init_std=hp.init_std,
+            attn_backend=hp.attn_backend, attn_block_size=hp.attn_block_size)
+
+    def _build(self, vocab_size: int) -> None:
+        self.model = FoXTransformer(self._config(vocab_size))
+        self.model.activation_checkpointing = self.hparams.activation_checkpointing
+        self.hparams.vocab_size = vocab_size
+
+    def _datamodule_value(self, name: str):
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, name, None)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            vocab = self._datamodule_value("vocab_size")
+            if vocab is None:
+                raise ValueError("model.vocab_size is unset and the datamodule does not provide vocab_size")
+            self._build(int(vocab))
+        dm_vocab = self._datamodule_value("vocab_size")
+        if dm_vocab is not None and dm_vocab > self.hparams.vocab_size:
+            raise ValueError(f"model.vocab_size={self.hparams.vocab_size} is smaller than the data's vocabulary "
+                             f"({dm_vocab}); set it to >= {dm_vocab} or leave it unset")
+        if self.hparams.train_seq_len is None:
+            self.hparams.train_seq_len = self._datamodule_value("seq_len")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.token_losses(x, y).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        eval_len = self._datamodule_value("eval_seq_len") or self.hparams.train_seq_len
+        if eval_len is None:
+            raise ValueError("cannot size the per-position evaluation: set model.train_seq_len or use a datamodule "
+                             "with seq_len / eval_seq_len")
+        cfg = self.model.cfg
+        self.pos_loss = PositionalLoss(int(eval_len)).to(self.device)
+        self.gate_stats = GateStats(cfg.n_layers, cfg.n_heads).to(self.device)
+        for blk in self.model.blocks:
+            blk.attn.record_gates = cfg.fgate != "none"
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        train_len = self.hparams.train_seq_len or x.shape[1]
+        tok = self.token_losses(x, y)
+        self.pos_loss.update(tok)
+        self.log("val/loss", tok[:, :train_len].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if self.model.cfg.fgate != "none":
+            self.gate_stats.update([blk.attn.last_log_f[:, :train_len] for blk in self.model.blocks])
+
+    def on_validation_epoch_end(self) -> None:
+        for blk in self.model.blocks:
+            blk.attn.record_gates, blk.attn.last_log_f = False, None
+        curve = self.pos_loss.compute()
+        have = int((self.pos_loss.count > 0).sum())
+        train_len = self.hparams.train_seq_len or have
+        bins = position_bins(train_len, have)
+        for a, b in bins:
+            self.log(f"val/loss_{a}_{b}", curve[a:b].mean().float(), sync_dist=False)
+        self.analysis = {"position_loss": curve[:have].cpu(), "train_seq_len": train_len, "bins": bins,
+                         "step": self.global_step}
+        if self.model.cfg.fgate != "none" and self.gate_stats.n > 0:
+            stats = {k: v.cpu() for k, v in self.gate_stats.compute().items()}
+            self.analysis["gates"] = stats
+            mean = stats["mean_log_f"]
+            self.log("gates/mean_log_f", mean.mean().float())
+            self.log("gates/max_head_mean_log_f", mean.max().float())
+            self.log("gates/frac_heads_long_range", (stats["frac_f_gt_0.9"] > 0.5).double().mean().float())
+            for layer in range(mean.shape[0]):
+                self.log(f"gates/L{layer}_mean_log_f", mean[layer].mean().float())
+
+    # ---------------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                fused=False)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hyper_parameters"]["vocab_size"] = self.hparams.vocab_size
+        checkpoint["hyper_parameters"]["train_seq_len"] = self.hparams.train_seq_len

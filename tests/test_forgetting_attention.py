@@ -1,0 +1,186 @@
+"""Numerics of forgetting attention: every backend against a naive loop / the dense reference, in float64."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.layers.forgetting_attention import forgetting_attention, gate_bias
+
+SHAPES = [  # (B, H, Tq, Tk, D, block)
+    (1, 1, 1, 1, 8, 4),       # T = 1
+    (2, 3, 7, 7, 8, 4),       # T not a multiple of the block
+    (1, 2, 37, 37, 16, 8),
+    (2, 2, 5, 23, 8, 4),      # Tq < Tk (queries are the last positions, as in decoding)
+    (1, 2, 70, 70, 32, 256),  # one block
+]
+
+
+def naive(q, k, v, log_f, scale):
+    """Double loop straight from the definition: o_i = sum_j softmax_j(s q_i.k_j + c_i - c_j) v_j, j <= i."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    c = torch.cumsum(log_f, -1)
+    out = torch.zeros_like(q)
+    for i in range(tq):
+        pos = i + tk - tq
+        logits = torch.stack([(q[:, :, i] * k[:, :, j]).sum(-1) * scale + c[:, :, pos] - c[:, :, j]
+                              for j in range(pos + 1)], -1)
+        out[:, :, i] = (torch.softmax(logits, -1)[..., None] * v[:, :, : pos + 1]).sum(2)
+    return out
+
+
+def inputs(b, h, tq, tk, d, seed=0, gate_shift=0.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(b, h, tk, d, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(b, h, tk, d, generator=g, dtype=dtype).requires_grad_()
+    log_f = F.logsigmoid(2 * torch.randn(b, h, tk, generator=g, dtype=dtype) + gate_shift).requires_grad_()
+    return q, k, v, log_f
+
+
+def value_and_grads(fn, q, k, v, log_f):
+    out = fn(q, k, v, log_f)
+    weights = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)  # a generic upstream gradient
+    grads = torch.autograd.grad((out * weights).sum(), [q, k, v, log_f])
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backend_matches_naive_loop_fp64(backend, shape):
+    b, h, tq, tk, d, block = shape
+    q, k, v, log_f = inputs(b, h, tq, tk, d)
+    ref = value_and_grads(lambda *a: naive(*a, 1 / math.sqrt(d)), q, k, v, log_f)
+    got = value_and_grads(lambda *a: forgetting_attention(*a, backend=backend, block_size=block), q, k, v, log_f)
+    for name, r, g in zip(["out", "dq", "dk", "dv", "dlog_f"], ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("gate_shift", [-4.0, 0.0, 6.0])
+def test_blockwise_matches_dense_many_blocks(gate_shift):
+    """Long sequence, many blocks, strong and weak gates: blockwise == dense in float64."""
+    q, k, v, log_f = inputs(2, 2, 300, 300, 16, seed=1, gate_shift=gate_shift)
+    ref = value_and_grads(lambda *a: forgetting_attention(*a, backend="dense"), q, k, v, log_f)
+    got = value_and_grads(lambda *a: forgetting_attention(*a, backend="blockwise", block_size=64), q, k, v, log_f)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate_shift", [-2.0, 0.0, 4.0])
+def test_blockwise_fp32_error_is_that_of_the_dense_fp32_reference(gate_shift):
+    """In fp32, blockwise is as accurate as dense for the output and dq/dk/dv, and within 5x for d log f."""
+    q, k, v, log_f = inputs(2, 4, 512, 512, 32, seed=2, gate_shift=gate_shift)
+    exact = value_and_grads(lambda *a: forgetting_attention(*a, backend="dense"), q, k, v, log_f)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v, log_f)]
+    dense = value_and_grads(lambda *a: forgetting_attention(*a, backend="dense"), *f32)
+    block = value_and_grads(lambda *a: forgetting_attention(*a, backend="blockwise", block_size=256), *f32)
+    for name, e, d, b in zip(["out", "dq", "dk", "dv", "dlog_f"], exact, dense, block):
+        err_dense = (d.double() - e).abs().max().item()
+        err_block = (b.double() - e).abs().max().item()
+        assert err_block <= (5.0 if name == "dlog_f" else 1.5) * err_dense + 1e-6, (name, err_block, err_dense)
+
+
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+def test_zero_gate_is_plain_causal_attention(backend):
+    q, k, v, _ = inputs(2, 3, 29, 29, 8)
+    zero = torch.zeros(2, 3, 29, dtype=torch.float64)
+    out = forgetting_attention(q, k, v, zero, backend=backend, block_size=8)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(forgetting_attention(q, k, v, None), out)
+
+
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+def test_fixed_gate_is_alibi(backend):
+    """A constant per-head gate f_h gives D_ij = (i - j) log f_h: ALiBi with slope -log f_h."""
+    b, h, t, d = 1, 4, 33, 8
+    q, k, v, _ = inputs(b, h, t, t, d)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    log_f = (-slopes)[None, :, None].expand(b, h, t)
+    pos = torch.arange(t, dtype=torch.float64)
+    alibi = -slopes[:, None, None] * (pos[:, None] - pos[None, :])
+    alibi = alibi.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi[None])
+    torch.testing.assert_close(forgetting_attention(q, k, v, log_f, backend=backend, block_size=8), ref)
+
+
+def test_query_side_gradient_of_c_is_zero():
+    """The row term c_i cancels in the softmax: d out / d c_i through the query role is exactly 0."""
+    q, k, v, log_f = inputs(2, 2, 19, 19, 8)
+    c = torch.cumsum(log_f.detach(), -1)
+    c_q = c.clone().requires_grad_()
+    c_k = c.clone().requires_grad_()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) + c_q[..., :, None] - c_k[..., None, :]
+    scores = scores.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.softmax(scores, -1) @ v
+    g_q, g_k = torch.autograd.grad((out * torch.randn_like(out)).sum(), [c_q, c_k])
+    assert g_q.abs().max() < 1e-12
+    assert g_k.abs().max() > 1e-3
+
+
+def test_gate_bias_layout():
+    log_f = torch.log(torch.tensor([[[0.5, 0.5, 0.25]]]))
+    bias = gate_bias(log_f, 3)[0, 0]
+    expected = torch.tensor([[0.0, -math.inf, -math.inf], [math.log(0.5), 0.0, -math.inf],
+                             [math.log(0.125), math.log(0.25), 0.0]])
+    torch.testing.assert_close(bias, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_half_precision_inputs_cast_gate_up(dtype):
+    q, k, v, log_f = (t.detach() for t in inputs(1, 2, 40, 40, 16, dtype=torch.float32))
+    out = forgetting_attention(q.to(dtype), k.to(dtype), v.to(dtype), log_f.to(torch.bfloat16))
+    assert out.dtype == dtype
+    ref = forgetting_attention(q, k, v, log_f.to(torch.bfloat16).float(), backend="dense")
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="triton9"), "unknown attention backend 'triton9'"),
+    (dict(block_size=0), "block_size must be >= 1"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    q, k, v, log_f = inputs(1, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=match):
+        forgetting_attention(q, k, v, log_f, **kwargs)
+
+
+def test_bad_shapes_and_dtypes():
+    q, k, v, log_f = inputs(1, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"log_fgate must have shape \(B, H, Tk\)"):
+        forgetting_attention(q, k, v, log_f[..., :3])
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        forgetting_attention(q, k[:, :, :2], v[:, :, :2], log_f[..., :2])
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        forgetting_attention(q.long(), k, v, log_f)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, H, T, D\)"):
+        forgetting_attention(q[0], k, v, log_f)
+    with pytest.raises(ValueError, match="'flex' cannot train on CPU"):
+        forgetting_attention(q, k, v, log_f, backend="flex")
+
+
+def test_flex_forward_matches_dense_on_cpu():
+    """FlexAttention (the CUDA backend) runs forward-only on CPU: its score_mod must equal the reference."""
+    q, k, v, log_f = (t.detach().float() for t in inputs(1, 2, 64, 64, 16))
+    out = forgetting_attention(q, k, v, log_f, backend="flex")
+    torch.testing.assert_close(out, forgetting_attention(q, k, v, log_f, backend="dense"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "fla"])
+@pytest.mark.parametrize("t", [1, 100, 1000])
+def test_gpu_backends_match_dense(backend, t):
+    if backend == "fla":
+        pytest.importorskip("fla")
+    q, k, v, log_f = (x.detach().cuda() for x in inputs(2, 4, t, t, 64, dtype=torch.float32))
+    q, k, v = (x.bfloat16().requires_grad_() for x in (q, k, v))
+    log_f = log_f.float().requires_grad_()
+    ref = value_and_grads(lambda *a: forgetting_attention(*(x.float() if x.dtype != torch.float32 else x for x in a),
+                                                          backend="dense"), q, k, v, log_f)
+    got = value_and_grads(lambda *a: forgetting_attention(*a, backend=backend), q, k, v, log_f)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
