@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,3 +24,18 @@ class FiniteLossGuard(L.Callback):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.detach().float().item()}) at step {trainer.global_step}; stopped "
                 "before the update: the last saved checkpoint is unchanged (lower the learning rate or check the data)")
+
+
+class RecipeCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves when training ends, so the final weights are never lost.
+
+    With step-based checkpointing the last steps of a run (after the last multiple of ``every_n_train_steps``) are
+    otherwise never written.  ``last.ckpt`` then points at the final checkpoint.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or self._last_global_step_saved == trainer.global_step:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,6 +28,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+# Lightning warns that a mid-epoch resume is unreliable unless the loader has state_dict(); ours needs none: the
+# sampler restarts from trainer.global_step and every sample is a pure function of (seed, index) (tested).
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def stdlib_bytes(max_bytes: Optional[int] = None) -> np.ndarray:

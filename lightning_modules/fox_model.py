@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_modules.layers.forgetting_attention import forgetting_attention
 from lightning_modules.layers.mlp import SwiGLU, swiglu_hidden_size
-from lightning_modules.layers.norms import HeadRMSNorm
+from lightning_modules.layers.norms import HeadRMSNorm, at_least_fp32
 from lightning_modules.layers.rotary import RotaryEmbedding
 from lightning_modules.layers.token_shift import TokenShift
 
@@ -127,8 +127,8 @@ class ForgettingAttentionLayer(nn.Module):
         if self.cfg.fgate == "none":
             return None
         if self.cfg.fgate == "full":
-            return F.logsigmoid(self.fgate_proj(x).float())
-        return F.logsigmoid(self.fgate_bias.float()).expand(x.shape[0], x.shape[1], -1)
+            return F.logsigmoid(at_least_fp32(self.fgate_proj(x)))
+        return F.logsigmoid(at_least_fp32(self.fgate_bias)).expand(x.shape[0], x.shape[1], -1)
 
     def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
         b, t, _ = x.shape

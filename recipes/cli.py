@@ -2,8 +2,9 @@
 
 LightningCLI in subclass mode: any LightningModule / LightningDataModule by ``class_path``.  Every run gets
 
-* a ``ModelCheckpoint`` writing to ``<trainer.default_root_dir>/checkpoints`` (``--checkpoint.*`` options), with
-  ``last.ckpt`` a link to the newest finished checkpoint, so ``--ckpt_path last`` always finds it;
+* a ``ModelCheckpoint`` writing to ``<trainer.default_root_dir>/checkpoints`` (``--checkpoint.*`` options) every
+  ``every_n_train_steps`` and at the end of training, with ``last.ckpt`` a link to the newest finished checkpoint,
+  so ``--ckpt_path last`` always finds it;
 * a ``FiniteLossGuard`` that stops on a NaN/inf loss before the update;
 * ``trainer.precision`` chosen by device when unset: ``bf16-mixed`` on CUDA, ``32-true`` elsewhere;
 * errors as one line on stderr and exit code 2 (``RECIPES_DEBUG=1`` shows the traceback).
@@ -18,10 +19,9 @@ import lightning as L
 import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.guards import FiniteLossGuard, NonFiniteLossError
+from callbacks.guards import FiniteLossGuard, NonFiniteLossError, RecipeCheckpoint
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ArgumentError,
                MisconfigurationException, NonFiniteLossError)
@@ -33,7 +33,7 @@ def _checkpoint_dir(root: Optional[str]) -> str:
 
 class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RecipeCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1,
                              "checkpoint.every_n_train_steps": 100, "checkpoint.filename": "step{step:07d}",
                              "checkpoint.auto_insert_metric_name": False})

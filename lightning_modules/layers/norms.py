@@ -19,5 +19,10 @@ class HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim) if share_across_heads else torch.ones(n_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.head_dim,), eps=self.eps).to(x.dtype)
+        y = F.rms_norm(at_least_fp32(x), (self.head_dim,), eps=self.eps).to(x.dtype)
         return y * self.weight.to(x.dtype)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or left in float64: for gate / norm math that must not run in half precision."""
+    return x if x.dtype == torch.float64 else x.float()

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_modules.layers.norms import at_least_fp32
+
 
 class TokenShift(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
@@ -18,7 +20,7 @@ class TokenShift(nn.Module):
 
     def forward(self, u: torch.Tensor, x: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``u``: ``(B, T, d_model)`` block input; ``x``: ``(B, T, H, D)``; ``prev``: ``(B, H, D)`` or None."""
-        alpha = torch.sigmoid(self.mix_proj(u).float())[..., None]  # (B, T, H, 1)
+        alpha = torch.sigmoid(at_least_fp32(self.mix_proj(u)))[..., None]  # (B, T, H, 1)
         first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
         shifted = torch.cat([first, x[:, :-1]], dim=1)
-        return (alpha * shifted.float() + (1 - alpha) * x.float()).to(x.dtype)
+        return (alpha * at_least_fp32(shifted) + (1 - alpha) * at_least_fp32(x)).to(x.dtype)

@@ -1,0 +1,137 @@
+"""FoX network: decoding with the KV(+gate) cache, baselines by flags, init and parameter groups."""
+import math
+
+import pytest
+import torch
+
+from lightning_modules.fox_lm import FoXLM, position_bins
+from lightning_modules.fox_model import FoXConfig, FoXTransformer, gate_bias_from_decay_times
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, mlp_multiple_of=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = FoXTransformer(FoXConfig(**cfg)).double().eval()
+    with torch.no_grad():  # move gates and shift mixes away from their init so the test is not trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+VARIANTS = {
+    "fox_llama": dict(),
+    "fox_pro": dict(block="pro"),
+    "rope": dict(fgate="none", rope=True),
+    "nope": dict(fgate="none"),
+    "bias_only": dict(fgate="bias_only", fgate_bias_init=[2.0, 50.0]),
+    "fixed_pro_rope": dict(fgate="fixed", fgate_bias_init=[2.0, 50.0], block="pro", rope=True),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cached_decoding_equals_full_recomputation(name):
+    model = tiny(**VARIANTS[name])
+    idx = torch.randint(0, 50, (2, 21))
+    full = model(idx)
+    logits, caches = model(idx[:, :9], use_cache=True)  # prefill
+    steps = [logits]
+    for t in range(9, 21):  # then one token at a time
+        logits, caches = model(idx[:, t:t + 1], caches, use_cache=True)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    assert caches[0].length == 21
+    if model.cfg.fgate != "none":
+        assert caches[0].log_f.shape == (2, 4, 21) and caches[0].log_f.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["fox_llama", "fox_pro"])
+def test_generate_with_cache_equals_without(name):
+    model = tiny(**VARIANTS[name])
+    prompt = torch.randint(0, 50, (2, 5))
+    a = model.generate(prompt, 12, temperature=0, use_cache=True)
+    b = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (2, 17)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = model.generate(prompt, 8, temperature=0.8, top_k=10, generator=g1)
+    s2 = model.generate(prompt, 8, temperature=0.8, top_k=10, use_cache=False, generator=g2)
+    assert torch.equal(s1, s2)
+
+
+def test_parameter_count_matches_spec_tiny_config():
+    """Spec 4.2: d=128, 4 layers, 4 heads, vocab 256 -> FoX 1,117,328 and RoPE/NoPE 1,115,264 parameters."""
+    count = lambda **kw: sum(p.numel() for p in FoXTransformer(FoXConfig(vocab_size=256, **kw)).parameters())
+    assert count() == 1_117_328
+    assert count(fgate="none", rope=True) == 1_115_264
+
+
+def test_pro_block_parameter_matching():
+    """Pro: the output gate adds d^2 per layer and hidden_ratio 3.5 removes it (d=1536 in the spec)."""
+    llama = FoXConfig(vocab_size=8, d_model=1536, n_layers=1, n_heads=24, fgate="none")
+    pro = FoXConfig(vocab_size=8, d_model=1536, n_layers=1, n_heads=24, fgate="none", block="pro")
+    from lightning_modules.layers.mlp import swiglu_hidden_size
+    assert swiglu_hidden_size(1536, llama.hidden_ratio, 256) == 4096
+    assert swiglu_hidden_size(1536, pro.hidden_ratio, 256) == 3584
+    assert 3 * 1536 * (4096 - 3584) == 1536 ** 2
+
+
+def test_decay_time_init_gives_requested_tau():
+    bias = gate_bias_from_decay_times(4, 2.0, 200.0)
+    tau = -1.0 / torch.nn.functional.logsigmoid(bias.double())
+    torch.testing.assert_close(tau, torch.logspace(math.log10(2), math.log10(200), 4, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+def test_full_gate_init_is_official_no_special_bias():
+    model = FoXTransformer(FoXConfig(vocab_size=16, d_model=64, n_layers=1, n_heads=2))
+    gate = model.blocks[0].attn.fgate_proj
+    assert torch.all(gate.bias == 0)
+    assert abs(gate.weight.std().item() - 0.02) < 0.005
+
+
+def test_weight_decay_groups():
+    model = FoXTransformer(FoXConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, block="pro",
+                                     fgate="bias_only"))
+    decay, no_decay = model.param_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.q_proj.weight" in decayed and "embed.weight" in decayed
+    assert "blocks.0.attn.k_shift.mix_proj.weight" in decayed
+    assert {"blocks.0.attn.fgate_bias", "blocks.0.attn.q_norm.weight", "blocks.0.attn.o_norm.weight",
+            "norm.weight", "blocks.0.attn_norm.weight"} <= not_decayed
+    assert decayed.isdisjoint(not_decayed) and len(decayed) + len(not_decayed) == len(names)
+
+
+def test_gate_math_is_fp32_under_bf16_autocast():
+    model = FoXTransformer(FoXConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2))
+    attn = model.blocks[0].attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_f = attn.log_forget_gate(torch.randn(2, 5, 32))
+    assert log_f.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d_model=30, n_heads=4), "d_model=30 is not divisible by n_heads=4"),
+    (dict(n_layers=0), "n_layers must be a positive integer, got 0"),
+    (dict(d_model=-8), "d_model must be a positive integer, got -8"),
+    (dict(fgate="sometimes"), "fgate='sometimes'"),
+    (dict(fgate="full", fgate_bias_init=[1.0, 2.0]), "fgate_bias_init applies"),
+])
+def test_bad_model_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FoXConfig(vocab_size=16, **kwargs)
+
+
+def test_position_bins():
+    assert position_bins(128, 512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
+    assert position_bins(128, 128) == [(0, 64), (64, 128)]
+
+
+def test_lightning_module_builds_lazily_and_validates():
+    lm = FoXLM(d_model=32, n_layers=1, n_heads=2)
+    assert lm.model is None
+    lm._build(64)
+    assert lm.hparams.vocab_size == 64 and lm.model.lm_head.out_features == 64
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        FoXLM(lr=-1.0)
