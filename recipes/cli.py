@@ -12,7 +12,9 @@ LightningCLI in subclass mode: any LightningModule / LightningDataModule by ``cl
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 from typing import List, Optional
 
 import lightning as L
@@ -49,12 +51,25 @@ class RecipeCLI(LightningCLI):
 
 
 def _one_line(err: BaseException) -> str:
+    """One line naming the bad key and value: jsonargparse's subclass-union errors are cut to their real cause."""
     text = " ".join(str(err).split())
+    section = re.match(r'Parser key "([^"]+)": ', text)
+    cause = re.search(r"Expected a <class 'NoneType'> - (.*?)(?: Given value type:|$)", text)
+    if cause:
+        text = re.sub(r"^Problem with given class_path '[^']+': ", "", cause.group(1))
+        inner = re.match(r'Parser key "([^"]+)": (.*)', text)
+        where = section.group(1) if section else None
+        if inner:
+            where = f"{where}.{inner.group(1)}" if where else inner.group(1)
+            text = inner.group(2)
+        text = f"{where}: {text}" if where else text
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("Expected a ", "expected ")
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def main(args: Optional[List[str]] = None) -> int:
     debug = os.environ.get("RECIPES_DEBUG") == "1"
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         RecipeCLI(
             L.LightningModule, L.LightningDataModule,
