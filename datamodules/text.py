@@ -269,6 +269,15 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
+    def test_dataloader(self) -> DataLoader:
+        """The validation windows (the recipes hold no separate test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts: the first ``seq_len`` tokens of each validation window."""
+        ds = FixedWindows(self.val_tokens, self.seq_len - 1, self.hparams.val_windows)
+        return DataLoader(ds, batch_size=self.hparams.val_batch_size or self.batch_size)
+
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
         ds = FixedWindows(self.val_tokens, self.eval_seq_len, hp.val_windows)

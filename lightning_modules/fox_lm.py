@@ -104,6 +104,7 @@ class FoXLM(L.LightningModule):
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
         train_seq_len: Optional[int] = None,
+        predict_new_tokens: int = 64,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +168,12 @@ class FoXLM(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def _start_eval(self) -> None:
         eval_len = self._datamodule_value("eval_seq_len") or self.hparams.train_seq_len
         if eval_len is None:
             raise ValueError("cannot size the per-position evaluation: set model.train_seq_len or use a datamodule "
@@ -178,15 +185,32 @@ class FoXLM(L.LightningModule):
             blk.attn.record_gates = cfg.fgate != "none"
 
     def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, split: str) -> None:
         x, y = batch
         train_len = self.hparams.train_seq_len or x.shape[1]
         tok = self.token_losses(x, y)
         self.pos_loss.update(tok)
-        self.log("val/loss", tok[:, :train_len].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log(f"{split}/loss", tok[:, :train_len].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         if self.model.cfg.fgate != "none":
             self.gate_stats.update([blk.attn.last_log_f[:, :train_len] for blk in self.model.blocks])
 
     def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def predict_step(self, batch, batch_idx):
+        """Greedy continuation of each prompt (the datamodule's predict windows); returns prompt + new tokens."""
+        prompt = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.model.generate(prompt, self.hparams.predict_new_tokens, temperature=0.0)
+
+    def _end_eval(self, split: str) -> None:
         for blk in self.model.blocks:
             blk.attn.record_gates, blk.attn.last_log_f = False, None
         curve = self.pos_loss.compute()
@@ -194,7 +218,7 @@ class FoXLM(L.LightningModule):
         train_len = self.hparams.train_seq_len or have
         bins = position_bins(train_len, have)
         for a, b in bins:
-            self.log(f"val/loss_{a}_{b}", curve[a:b].mean().float(), sync_dist=False)
+            self.log(f"{split}/loss_{a}_{b}", curve[a:b].mean().float(), sync_dist=False)
         self.analysis = {"position_loss": curve[:have].cpu(), "train_seq_len": train_len, "bins": bins,
                          "step": self.global_step}
         if self.model.cfg.fgate != "none" and self.gate_stats.n > 0:

@@ -135,3 +135,18 @@ def test_lightning_module_builds_lazily_and_validates():
     assert lm.hparams.vocab_size == 64 and lm.model.lm_head.out_features == 64
     with pytest.raises(ValueError, match="lr must be > 0"):
         FoXLM(lr=-1.0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny(block="pro")
+    model.train()
+    idx = torch.randint(0, 50, (2, 17))
+
+    def grads(checkpointing):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        model(idx).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
