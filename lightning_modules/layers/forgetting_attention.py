@@ -179,7 +179,7 @@ class _BlockwiseFoX(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, c, scale, block):
         tq, tk, d = q.shape[2], k.shape[2], q.shape[3]
-        qx = torch.cat([q, q.new_full(q.shape[:3] + (1,), 1.0 / scale)], dim=-1)
+        qx = torch.cat([q, q.new_tensor(1.0 / scale).expand(q.shape[:3] + (1,))], dim=-1)
         kx = torch.cat([k, k.new_zeros(k.shape[:3] + (1,))], dim=-1)
         vx = torch.cat([v, v.new_zeros(v.shape[:3] + (1,))], dim=-1)
         out = q.new_empty(q.shape[:3] + (d + 1,))
@@ -209,6 +209,10 @@ class _BlockwiseFoX(torch.autograd.Function):
         scale, block = ctx.scale, ctx.block
         tq, tk, d = qx.shape[2], kx.shape[2], qx.shape[3] - 1
         go = torch.cat([grad_o, grad_o.new_zeros(grad_o.shape[:3] + (1,))], dim=-1)
+        if tq == tk and tq <= block:  # one causal tile: the kernel's gradients are the answer, no copies
+            _set_gate_column(kx, c, 0, tq)
+            gq, gk, gv = _flash_bwd(go, qx, kx, vx, out, lse, 0.0, True, scale=scale)
+            return gq[..., :d], gk[..., :d], gv[..., :d], -gk[..., d].to(c.dtype), None, None
         # A diagonal tile is the first to touch its keys (earlier blocks end before it), so it assigns; the
         # "past" tiles add.  Only keys before the first query (Tq < Tk) need zeros.
         dq = torch.empty(qx.shape[:3] + (d,), dtype=qx.dtype, device=qx.device)
