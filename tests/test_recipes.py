@@ -110,3 +110,25 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
     assert after["global_step"] == 2
     for key, value in after["state_dict"].items():
         assert torch.equal(value, before[key]), key  # the finished checkpoint is untouched
+
+
+def test_omegaconf_interpolation_in_a_recipe(tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  class_path: datamodules.text.TextDataModule\n  init_args:\n    seq_len: 48\n"
+                     "model:\n  class_path: lightning_modules.fox_lm.FoXLM\n  init_args:\n"
+                     "    d_model: 64\n    train_seq_len: ${data.init_args.seq_len}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "recipes/fox_lm.yaml", "--config", str(extra), "--print_config"])
+    out = capsys.readouterr().out
+    assert "train_seq_len: 48" in out and "seq_len: 48" in out
+
+
+def test_validate_test_predict_subcommands(tmp_path, capsys):
+    base = ["--config", "recipes/fox_lm.yaml", "--data.init_args.val_windows=2", *run_dir_args(tmp_path),
+            *SMALL_DATA]
+    assert main(["fit", *base, "--trainer.max_steps=2"]) == 0
+    for sub in ("validate", "test"):
+        assert main([sub, *base, "--ckpt_path=last"]) == 0
+    assert main(["predict", *base, "--ckpt_path=last", "--model.init_args.predict_new_tokens=3"]) == 0
+    out = capsys.readouterr().out
+    assert "val/loss" in out and "test/loss_256_512" in out

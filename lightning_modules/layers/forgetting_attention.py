@@ -5,10 +5,10 @@
 Backends (all compute the same function; `dense` is the reference the others are tested against):
 
 * ``dense``      -- explicit fp32 (or fp64) scores + bias + softmax; any device, O(T^2) memory.
-* ``blockwise``  -- CPU (and any device with PyTorch's fused CPU SDPA kernel): FlashAttention-style tiling
-                    over query blocks that reuses PyTorch's fused SDPA kernel and its fused backward.  The gate
-                    enters as one extra head-dim column: q' = [q, 1/s], k' = [k, r - c_j], v' = [v, 0], where r
-                    is a per-query-block reference (the row term c_i - r cancels in the softmax).  Each query block
+* ``blockwise``  -- CPU: FlashAttention-style tiling over query blocks that reuses PyTorch's fused CPU SDPA
+                    kernel and its fused backward.  The gate enters as one extra head-dim column:
+                    q' = [q, 1/s], k' = [k, r - c_j], v' = [v, 0], where r is a per-query-block reference (the row
+                    term c_i - r cancels in the softmax).  Each query block
                     is attended in two tiles (keys before the block: full; the block itself: causal) and the tiles
                     are merged with their log-sum-exps; tiles above the diagonal are never computed.  The backward
                     calls the fused backward per tile with the merged output and log-sum-exp, and reads
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "dense", "blockwise", "flex", "fla")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_GATE_DTYPES = (torch.float32, torch.float64)
 
 
 def forgetting_attention(
