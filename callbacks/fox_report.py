@@ -47,7 +47,9 @@ def write_position_loss(out_dir: str, curve: np.ndarray, train_len: int, bins, l
         w.writerow(["start", "end", "loss"])
         w.writerows((a, b, f"{curve[a:b].mean():.6f}") for a, b in bins)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(np.arange(len(curve)), smooth(curve, max(1, len(curve) // 64)), label=label)
+    ax.plot(np.arange(len(curve)), smooth(curve, max(1, len(curve) // 64)), lw=1, label=label)
+    for i, (a, b) in enumerate(bins):
+        ax.hlines(curve[a:b].mean(), a, b - 1, colors="black", lw=2, label="bin mean" if i == 0 else None)
     ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
     ax.set_xlabel("token position")
     ax.set_ylabel("validation loss (nats)")
@@ -73,9 +75,11 @@ def write_gate_stats(out_dir: str, gates: dict) -> None:
                 w.writerow([layer, head, f"{mean[layer, head]:.6f}", f"{frac[layer, head]:.6f}",
                             f"{tau[layer, head]:.4f}"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, data, title, cmap in ((axes[0], mean, "mean log f", "viridis"),
-                                  (axes[1], frac, "fraction of tokens with f > 0.9", "magma")):
-        im = ax.imshow(data, aspect="auto", cmap=cmap)
+    for ax, data, title, cmap, lim in ((axes[0], mean, "mean log f", "viridis", (None, None)),
+                                       (axes[1], frac, "fraction of tokens with f > 0.9", "magma", (0.0, 1.0))):
+        im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lim[0], vmax=lim[1])
+        ax.set_xticks(range(data.shape[1]))
+        ax.set_yticks(range(data.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(title)
@@ -96,6 +100,7 @@ class FoXReport(L.Callback):
             return
         out = self.out_dir or run_dir(trainer)
         os.makedirs(out, exist_ok=True)
-        write_position_loss(out, analysis["position_loss"].numpy(), analysis["train_seq_len"], analysis["bins"])
+        write_position_loss(out, analysis["position_loss"].numpy(), analysis["train_seq_len"], analysis["bins"],
+                            label=analysis.get("label", "model"))
         if "gates" in analysis:
             write_gate_stats(out, {k: v.numpy() for k, v in analysis["gates"].items()})

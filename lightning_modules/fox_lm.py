@@ -219,8 +219,10 @@ class FoXLM(L.LightningModule):
         bins = position_bins(train_len, have)
         for a, b in bins:
             self.log(f"{split}/loss_{a}_{b}", curve[a:b].mean().float(), sync_dist=False)
+        cfg = self.model.cfg
+        label = f"{'FoX' if cfg.fgate != 'none' else 'Transformer'} ({cfg.block}, gate={cfg.fgate}, rope={cfg.rope})"
         self.analysis = {"position_loss": curve[:have].cpu(), "train_seq_len": train_len, "bins": bins,
-                         "step": self.global_step}
+                         "step": self.global_step, "label": label}
         if self.model.cfg.fgate != "none" and self.gate_stats.n > 0:
             stats = {k: v.cpu() for k, v in self.gate_stats.compute().items()}
             self.analysis["gates"] = stats
