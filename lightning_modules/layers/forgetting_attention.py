@@ -20,22 +20,32 @@ Backends (all compute the same function; `dense` is the reference the others are
                     Subnormals: gate-decayed probabilities are often subnormal, which slows CPU float math 5-7x;
                     call ``torch.set_flush_denormal(True)`` before the first parallel op (the recipes' entry point
                     does) so the intra-op worker threads inherit flush-to-zero.
+* ``native``     -- CPU: a C++ FlashAttention-2 kernel with the gate in the tile loop (``csrc/fox_attention_cpu.cpp``,
+                    built with ``torch.utils.cpp_extension`` on first use, ~25 s, cached).  Reads strided q/k/v in
+                    place, never forms a T x T matrix, skips tiles above the diagonal, saves only the log-sum-exp.
+                    Faster than PyTorch's fused causal SDPA kernel on the shapes benchmarked (docs/performance.md).
+                    fp32 error within 2.5x of the dense fp32 reference's (tested); float64 exact to ~1e-14.
+                    ``PAPER_RECIPES_NO_NATIVE=1`` (or a failed build) falls back to ``blockwise``.
 * ``flex``       -- CUDA: torch FlexAttention with a learnable-bias ``score_mod`` (PyTorch >= 2.6), compiled.
 * ``fla``        -- CUDA: ``fla.ops.forgetting_attn.parallel_forgetting_attn`` when ``fla-core`` is installed.
 
-``auto`` picks ``fla`` > ``flex`` on CUDA and ``blockwise`` elsewhere.  ``log_fgate=None`` means no gate (plain
+``auto`` picks ``fla`` > ``flex`` on CUDA and ``native`` > ``blockwise`` elsewhere.  ``log_fgate=None`` means no gate (plain
 causal attention, handled by ``F.scaled_dot_product_attention(is_causal=True)``).
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
+import os
+import sys
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "dense", "blockwise", "flex", "fla")
+BACKENDS = ("auto", "dense", "native", "blockwise", "flex", "fla")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -71,6 +81,8 @@ def forgetting_attention(
     name = resolve_backend(backend, q)
     if name == "dense":
         return dense_forgetting_attention(q, k, v, log_fgate, scale)
+    if name == "native":
+        return native_forgetting_attention(q, k, v, log_fgate, scale)
     if name == "blockwise":
         return blockwise_forgetting_attention(q, k, v, log_fgate, scale, block_size)
     if name == "flex":
@@ -85,7 +97,10 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "auto":
         if q.is_cuda:
             return "fla" if fla_available() and q.dtype in (torch.float16, torch.bfloat16) else "flex"
-        return "blockwise"
+        return "native" if native_extension() is not None else "blockwise"
+    if backend == "native" and (q.is_cuda or native_extension() is None):
+        raise ValueError("attention backend 'native' needs a CPU tensor and a C++ compiler for its one-time build "
+                         f"({_native_error or 'CUDA input'}); use 'blockwise' or 'auto'")
     if backend == "fla" and not (q.is_cuda and fla_available()):
         raise ValueError("attention backend 'fla' needs a CUDA device and the fla-core package (pip install fla-core)")
     if backend == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
@@ -149,6 +164,73 @@ def dense_forgetting_attention(q, k, v, log_fgate, scale):
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale + gate_bias(log_fgate.to(ct), q.shape[2])
     return torch.matmul(torch.softmax(scores, dim=-1), v.to(ct)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# native CPU kernel (C++, built on first use)
+# ----------------------------------------------------------------------------------------------------------------
+_NATIVE_BLOCKS = (64, 256)  # query rows x keys per tile; measured best of 32..256 x 128..512 on 2 cores
+_native_module = None
+_native_error: Optional[str] = None
+
+
+def native_extension():
+    """The compiled kernel module, or None if it cannot be built here (the reason is in ``_native_error``)."""
+    global _native_module, _native_error
+    if _native_module is not None or _native_error is not None:
+        return _native_module
+    if os.environ.get("PAPER_RECIPES_NO_NATIVE") == "1":
+        _native_error = "disabled by PAPER_RECIPES_NO_NATIVE=1"
+        return None
+    try:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" notice
+        from torch.utils.cpp_extension import load
+
+        linux = sys.platform.startswith("linux")
+        capability = torch.backends.cpu.get_cpu_capability().lower()  # -march=native: one build per CPU kind
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _native_module = load(
+                name=f"paper_recipes_fox_attention_cpu_{capability}",
+                sources=[os.path.join(os.path.dirname(__file__), "csrc", "fox_attention_cpu.cpp")],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"] + (["-lmvec"] if linux else []),
+                verbose=False)
+    except Exception as err:  # no compiler, no ninja, unsupported platform: fall back to 'blockwise'
+        _native_error = " ".join(str(err).split())[:300] or type(err).__name__
+        warnings.warn(f"FoX native CPU kernel unavailable, using the 'blockwise' backend: {_native_error}")
+    return _native_module
+
+
+class _NativeFoX(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, scale):
+        out, lse = native_extension().forward(q, k, v, c, scale, *_NATIVE_BLOCKS)
+        ctx.save_for_backward(q, k, v, c, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, k, v, c, out, lse = ctx.saved_tensors
+        dq, dk, dv, dc = native_extension().backward(_last_dim_contiguous(grad_o), q, k, v, c, out, lse,
+                                                     ctx.scale, *_NATIVE_BLOCKS)
+        return dq, dk, dv, dc, None
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def native_forgetting_attention(q, k, v, log_fgate, scale):
+    """The C++ kernel; half-precision inputs are computed in fp32."""
+    if q.is_cuda or native_extension() is None:
+        raise ValueError("attention backend 'native' is unavailable here; use 'blockwise' or 'auto'")
+    dtype = q.dtype
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = (_last_dim_contiguous(t.to(ct)) for t in (q, k, v))
+    c = torch.cumsum(log_fgate.to(ct), dim=-1).contiguous()
+    return _NativeFoX.apply(q, k, v, c, scale).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
