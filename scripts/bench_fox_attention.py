@@ -44,7 +44,8 @@ def forwards(q, k, v, log_f, device):
     """Name -> forward function of every path measured at this shape."""
     cases = {"SDPA causal (no gate)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     if device == "cpu":
-        cases["FoX blockwise (default)"] = lambda: forgetting_attention(q, k, v, log_f)
+        cases["FoX native (default)"] = lambda: forgetting_attention(q, k, v, log_f, backend="native")
+        cases["FoX blockwise (fallback)"] = lambda: forgetting_attention(q, k, v, log_f, backend="blockwise")
         cases["SDPA + full float bias"] = lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=gate_bias(log_f, q.shape[2]).to(q.dtype))
     else:
