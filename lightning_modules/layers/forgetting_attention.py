@@ -186,12 +186,17 @@ def native_extension():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" notice
         from torch.utils.cpp_extension import load
 
+        from torch.utils.cpp_extension import get_default_build_root
+
         linux = sys.platform.startswith("linux")
         capability = torch.backends.cpu.get_cpu_capability().lower()  # -march=native: one build per CPU kind
+        name = f"paper_recipes_fox_attention_cpu_{capability}"
+        if not os.path.exists(os.path.join(get_default_build_root(), name, f"{name}.so")):
+            print("Building the FoX CPU attention kernel (once per machine, ~25 s) ...", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _native_module = load(
-                name=f"paper_recipes_fox_attention_cpu_{capability}",
+                name=name,
                 sources=[os.path.join(os.path.dirname(__file__), "csrc", "fox_attention_cpu.cpp")],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"] + (["-lmvec"] if linux else []),
