@@ -100,12 +100,15 @@ inline void mm_atb(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t
   blas_gemm('N', 'T', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
-// S (n x nk) <- S + c_i - c_j with the causal mask; query row r sits at key position pos0 + r.
+// S (n x nk) = scale * Q[i0:i0+n] K[j0:j0+nk]^T + c_i - c_j, causal entries masked; query row r sits at key
+// position off + i0 + r.
 template <typename T>
-inline void add_gate_and_mask(T* S, int64_t n, int64_t nk, int64_t ldS, const T* c, int64_t pos0, int64_t j0) {
+inline void score_tile(T* S, const Strided<T>& Q, const Strided<T>& K, int64_t b, int64_t h, int64_t i0, int64_t n,
+                       int64_t j0, int64_t nk, int64_t D, T scale, const T* c, int64_t off) {
+  mm_abt<T>(n, nk, D, scale, Q.at(b, h, i0), Q.st, K.at(b, h, j0), K.st, T(0), S, nk);
   for (int64_t r = 0; r < n; ++r) {
-    T* row = S + r * ldS;
-    const int64_t pos = pos0 + r;
+    T* row = S + r * nk;
+    const int64_t pos = off + i0 + r;
     const T ci = c[pos];
     const int64_t allowed = std::min<int64_t>(nk, pos - j0 + 1);  // keys j0 .. pos
     const T* cj = c + j0;
@@ -135,8 +138,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j0 = 0; j0 < kend; j0 += BN) {
         const int64_t nk = std::min(BN, kend - j0);
-        mm_abt<T>(n, nk, D, scale, Q.at(b, h, i0), Q.st, K.at(b, h, j0), K.st, T(0), S.data(), nk);
-        add_gate_and_mask<T>(S.data(), n, nk, nk, cb, off + i0, j0);
+        score_tile<T>(S.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off);
         for (int64_t r = 0; r < n; ++r) {
           T* row = S.data() + r * nk;
           T mx = m[r];
@@ -195,8 +197,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
         const int64_t n = std::min(BM, Tq - i0), kend = off + i0 + n;
         for (int64_t j0 = 0; j0 < kend; j0 += BN) {
           const int64_t nk = std::min(BN, kend - j0);
-          mm_abt<T>(n, nk, D, scale, Q.at(b, h, i0), Q.st, K.at(b, h, j0), K.st, T(0), P.data(), nk);
-          add_gate_and_mask<T>(P.data(), n, nk, nk, cb, off + i0, j0);
+          score_tile<T>(P.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off);
           for (int64_t r = 0; r < n; ++r) {
             T* row = P.data() + r * nk;
             const T L = lb[i0 + r];
