@@ -7,11 +7,13 @@
 Ratios are measured side by side in one process (interleaved repeats, medians).  Memory: on CUDA the peak
 allocated during fwd+bwd minus the inputs; on CPU the bytes autograd saves for the backward (what grows with T).
 Baselines: causal ``F.scaled_dot_product_attention`` (FlashAttention kernel on CUDA, the fused flash kernel on
-CPU) and, on CPU, SDPA with the FoX bias passed as a full float mask (the naive way to add the gate).
+CPU); on CPU, SDPA with the FoX bias passed as a full float mask (the naive way to add the gate); on CUDA, FA2's
+``flash_attn_func`` (no gate: it takes no data-dependent bias) when flash-attn is installed.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 from pathlib import Path
@@ -52,6 +54,11 @@ def forwards(q, k, v, log_f, device):
         cases["FoX flex"] = lambda: forgetting_attention(q, k, v, log_f, backend="flex")
         if fla_available():
             cases["FoX fla"] = lambda: forgetting_attention(q, k, v, log_f, backend="fla")
+        if importlib.util.find_spec("flash_attn") is not None:  # FA2 takes no data-dependent bias: no-gate baseline
+            from flash_attn import flash_attn_func
+
+            cases["FA2 causal (no gate)"] = lambda: flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     return cases
 
 
