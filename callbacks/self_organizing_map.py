@@ -1,0 +1,165 @@
+"""The SOM step of CB-SOM / AB-SOM as a Lightning callback (spec ``shared/specs/cbsom.md`` 1.4-1.10).
+
+After every optimizer step, for every targeted conv layer: pick one best-matching unit (BMU) and pull every kernel
+toward the BMU's kernel, ``w_i += alpha(t) h_i(t) (w_c - w_i)``, in place, outside the optimizer (no momentum, no
+weight decay).  ``t`` is ``trainer.global_step`` and ``T`` ``trainer.estimated_stepping_batches``.
+
+* ``mode="cb"``: BMU = largest per-channel norm of the gradient, read in ``on_before_optimizer_step`` where it is
+  final (after accumulation, unscaled under AMP; the argmax is scale-invariant anyway) and already all-reduced under
+  DDP, so every rank picks the same BMU.  The BMU's kernel is taken *after* the step (spec B2).
+* ``mode="ab"``: BMU = largest norm of the batch-mean conv output (signed, pre-BN), collected by forward hooks
+  during training over all micro-batches of the step and averaged across ranks (spec B4).
+* ``mode="random"``: uniform BMU from a generator seeded identically on every rank and saved in checkpoints.
+* ``mode="none"``: no update (the baseline, same recipe).
+
+Targeted layers: every ``nn.Conv2d`` (``layers="all"``; the authors' script silently updated only the stem, bug
+B1) or the convs whose names start with one of the given prefixes.  Each needs a perfect-square channel count.
+Logged per layer: BMU, distinct BMUs so far, and the alignment cos(dW_SOM, -dL/dW) (the paper's Fig. 1c idea).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_modules.layers.topographic import (BMU_MODES, SOMSchedule, activation_bmu, credit_bmu, random_bmu,
+                                                  sheet_side, som_update_, unit_vectors)
+
+
+class SelfOrganizingMap(L.Callback):
+    def __init__(
+        self,
+        mode: str = "cb",
+        alpha0: float = 0.008,
+        alpha0_overrides: Optional[Dict[str, float]] = None,
+        sigma0: Optional[float] = None,
+        decay: float = -3.0,
+        alpha_min: float = 0.003,
+        sigma_min: float = 0.003,
+        layers: Union[str, List[str]] = "all",
+        seed: int = 0,
+    ):
+        if mode not in BMU_MODES:
+            raise ValueError(f"SOM mode {mode!r} is unknown; expected one of {', '.join(BMU_MODES)}")
+        if alpha0 < 0 or any(v < 0 for v in (alpha0_overrides or {}).values()):
+            raise ValueError(f"SOM alpha0 must be >= 0, got {alpha0} / overrides {alpha0_overrides}")
+        if sigma0 is not None and sigma0 <= 0:
+            raise ValueError(f"SOM sigma0 must be > 0 (or null for sqrt(channels)), got {sigma0}")
+        SOMSchedule(alpha0=alpha0, sigma0=sigma0 or 1.0, decay=decay, alpha_min=alpha_min, sigma_min=sigma_min)
+        self.mode, self.alpha0, self.alpha0_overrides = mode, alpha0, dict(alpha0_overrides or {})
+        self.sigma0, self.decay, self.alpha_min, self.sigma_min = sigma0, decay, alpha_min, sigma_min
+        self.layers, self.seed = layers, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.targets: Dict[str, nn.Conv2d] = {}
+        self.schedules: Dict[str, SOMSchedule] = {}
+        self.distinct: Dict[str, set] = {}
+        self.alignment: Dict[str, List[float]] = {}
+        self._credit: Dict[str, int] = {}
+        self._act_sum: Dict[str, torch.Tensor] = {}
+        self._act_n: Dict[str, int] = {}
+        self._hooks = []
+        self._stepped = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _selected(self, name: str) -> bool:
+        if self.layers == "all":
+            return True
+        prefixes = [self.layers] if isinstance(self.layers, str) else list(self.layers)
+        return any(name.startswith(p) for p in prefixes)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.mode == "none" or self.targets:
+            return
+        for name, module in pl_module.named_modules():
+            if isinstance(module, nn.Conv2d) and self._selected(name):
+                try:
+                    side = sheet_side(module.out_channels)
+                except ValueError as err:
+                    raise ValueError(f"SOM layer {name!r}: {err}") from None
+                alpha0 = next((v for p, v in self.alpha0_overrides.items() if name.startswith(p)), self.alpha0)
+                self.targets[name] = module
+                self.schedules[name] = SOMSchedule(alpha0=alpha0, sigma0=self.sigma0 or float(side), decay=self.decay,
+                                                   alpha_min=self.alpha_min, sigma_min=self.sigma_min)
+                self.distinct[name], self.alignment[name] = set(), []
+        if not self.targets:
+            raise ValueError(f"SOM layers={self.layers!r} matched no nn.Conv2d in {type(pl_module).__name__}")
+        if self.mode == "ab":
+            for name, module in self.targets.items():
+                self._hooks.append(module.register_forward_hook(self._activation_hook(name)))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _activation_hook(self, name: str):
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():
+                mean = output.detach().float().mean(0)
+                self._act_sum[name] = self._act_sum.get(name, 0) + mean
+                self._act_n[name] = self._act_n.get(name, 0) + 1
+        return hook
+
+    # ------------------------------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "cb":
+            for name, module in self.targets.items():
+                if module.weight.grad is not None:
+                    self._credit[name] = credit_bmu(module.weight.grad)
+        self._stepped = True
+
+    def _bmu(self, trainer: L.Trainer, name: str, channels: int) -> Optional[int]:
+        if self.mode == "cb":
+            return self._credit.get(name)
+        if self.mode == "random":
+            return random_bmu(channels, self.generator)
+        if name not in self._act_sum:
+            return None
+        mean = self._act_sum[name] / self._act_n[name]
+        if trainer.world_size > 1:  # all ranks pick the BMU of the global batch
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        return activation_bmu(mean)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._stepped:
+            return
+        self._stepped = False
+        total = max(1, int(trainer.estimated_stepping_batches))
+        step = trainer.global_step
+        for name, module in self.targets.items():
+            schedule = self.schedules[name]
+            alpha, sigma = schedule.alpha(step, total), schedule.sigma(step, total)
+            bmu = self._bmu(trainer, name, module.out_channels)
+            if bmu is None:
+                continue
+            delta = som_update_(module.weight.data, bmu, alpha, sigma)
+            self.distinct[name].add(bmu)
+            if module.weight.grad is not None:  # cos(dW_SOM, -grad): Fig. 1c-style misalignment
+                cos = torch.nn.functional.cosine_similarity(unit_vectors(delta).flatten().double(),
+                                                            -unit_vectors(module.weight.grad).flatten().double(),
+                                                            dim=0)
+                self.alignment[name].append(float(cos))
+            pl_module.log(f"som/{name}/bmu", float(bmu), on_step=True, on_epoch=False)
+            pl_module.log(f"som/{name}/distinct_bmu_frac", len(self.distinct[name]) / module.out_channels,
+                          on_step=True, on_epoch=False)
+        first = next(iter(self.schedules))
+        pl_module.log("som/alpha", self.schedules[first].alpha(step, total), on_step=True, on_epoch=False)
+        pl_module.log("som/sigma", self.schedules[first].sigma(step, total), on_step=True, on_epoch=False)
+        self._credit.clear()
+        self._act_sum.clear()
+        self._act_n.clear()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(),
+                "distinct": {k: sorted(v) for k, v in self.distinct.items()},
+                "alignment": {k: list(v) for k, v in self.alignment.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+        self.distinct = {k: set(v) for k, v in state_dict.get("distinct", {}).items()}
+        self.alignment = {k: list(v) for k, v in state_dict.get("alignment", {}).items()}

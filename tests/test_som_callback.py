@@ -1,0 +1,157 @@
+"""The SOM callback: the exact update after each optimizer step, BMU rules in place, every layer targeted."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning as L
+from callbacks.self_organizing_map import SelfOrganizingMap
+from lightning_modules.layers.topographic import SOMSchedule, credit_bmu, activation_bmu, som_update_
+
+
+class TinyConvNet(L.LightningModule):
+    def __init__(self, widths=(4, 9, 16)):
+        super().__init__()
+        layers, c_in = [], 1
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def loader(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      batch_size=8)
+
+
+class Recorder(L.Callback):
+    """Placed before the SOM callback: records the pre-step gradients, the batch-mean conv outputs and the
+    post-step (pre-SOM) weights of every conv."""
+
+    def __init__(self):
+        self.grads, self.post_step, self.act = {}, {}, {}
+
+    def setup(self, trainer, pl_module, stage):
+        for name, m in pl_module.named_modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda mod, i, o, name=name: self.act.__setitem__(
+                    name, o.detach().mean(0)) if mod.training else None)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: m.weight.grad.clone() for n, m in pl_module.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.post_step = {n: m.weight.detach().clone() for n, m in pl_module.named_modules()
+                          if isinstance(m, nn.Conv2d)}
+
+
+def fit(som, steps=1, accumulate=1, model=None):
+    torch.manual_seed(0)
+    model = model or TinyConvNet()
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[rec, som], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader())
+    return model, rec, trainer
+
+
+@pytest.mark.parametrize("mode", ["cb", "ab"])
+def test_one_step_is_the_exact_som_update_on_every_layer(mode):
+    som = SelfOrganizingMap(mode=mode, alpha0=0.2, sigma_min=1.0)
+    model, rec, trainer = fit(som)
+    total = trainer.estimated_stepping_batches
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert set(som.targets) == set(convs)  # every conv, not only the first (the authors' bug B1)
+    for name, conv in convs.items():
+        post = rec.post_step[name].clone()
+        bmu = credit_bmu(rec.grads[name]) if mode == "cb" else activation_bmu(rec.act[name])
+        schedule = SOMSchedule(alpha0=0.2, sigma0=float(conv.out_channels) ** 0.5, sigma_min=1.0)
+        som_update_(post, bmu, schedule.alpha(1, total), schedule.sigma(1, total))
+        torch.testing.assert_close(conv.weight.detach(), post, rtol=0, atol=1e-7)
+        assert not torch.equal(conv.weight.detach(), rec.post_step[name]), name  # the layer did change
+        assert som.distinct[name] == {bmu}
+
+
+def test_mode_none_changes_nothing_after_the_step():
+    som = SelfOrganizingMap(mode="none")
+    model, rec, _ = fit(som)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert torch.equal(m.weight.detach(), rec.post_step[name])
+
+
+def test_one_som_step_per_optimizer_step_under_accumulation():
+    som = SelfOrganizingMap(mode="cb", alpha0=0.2)
+    _, _, trainer = fit(som, steps=3, accumulate=2)
+    assert trainer.global_step == 3
+    assert all(len(v) == 3 for v in som.alignment.values())
+    assert all(-1.0 <= a <= 1.0 for v in som.alignment.values() for a in v)
+
+
+def test_layer_prefixes_and_per_stage_alpha():
+    som = SelfOrganizingMap(mode="cb", alpha0=0.1, alpha0_overrides={"features.6": 0.3}, layers=["features.3",
+                                                                                                   "features.6"])
+    fit(som)
+    assert set(som.targets) == {"features.3", "features.6"}
+    assert som.schedules["features.6"].alpha0 == 0.3 and som.schedules["features.3"].alpha0 == 0.1
+
+
+def test_random_bmu_generator_is_checkpointed():
+    a = SelfOrganizingMap(mode="random", seed=7)
+    state = a.state_dict()
+    first = [int(torch.randint(16, (1,), generator=a.generator)) for _ in range(5)]
+    b = SelfOrganizingMap(mode="random", seed=123)
+    b.load_state_dict(state)
+    assert [int(torch.randint(16, (1,), generator=b.generator)) for _ in range(5)] == first
+
+
+def test_non_square_layer_is_a_one_line_error():
+    som = SelfOrganizingMap(mode="cb")
+    with pytest.raises(ValueError, match="SOM layer 'features.3': a topographic layer needs a perfect-square "
+                                         "channel count, got 10"):
+        fit(som, model=TinyConvNet(widths=(4, 10, 16)))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(mode="kohonen"), "SOM mode 'kohonen' is unknown"),
+                                           (dict(alpha0=-0.5), "SOM alpha0 must be >= 0, got -0.5"),
+                                           (dict(sigma0=-1.0), "SOM sigma0 must be > 0"),
+                                           (dict(decay=2.0), "decay must be <= 0")])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfOrganizingMap(**kwargs)
+
+
+def test_two_simulated_ranks_pick_the_same_ab_bmu():
+    """Each rank's local batch-mean map favours a different channel; after the all-reduce both pick the global one."""
+    a0, a1 = torch.zeros(9, 2, 2), torch.zeros(9, 2, 2)
+    a0[1], a1[2] = 3.0, 3.0          # local winners: channel 1 on rank 0, channel 2 on rank 1
+    a0[5], a1[5] = 2.5, 2.5          # the global batch's winner: channel 5 (mean 2.5 vs 1.5)
+
+    class Strategy:
+        def __init__(self, other):
+            self.other = other
+
+        def reduce(self, t, reduce_op="mean"):
+            assert reduce_op == "mean"
+            return (t + self.other) / 2
+
+    picks = []
+    for mine, theirs in ((a0, a1), (a1, a0)):
+        som = SelfOrganizingMap(mode="ab")
+        som._act_sum, som._act_n = {"conv": mine.clone()}, {"conv": 1}
+        trainer = type("T", (), {"world_size": 2, "strategy": Strategy(theirs)})()
+        picks.append(som._bmu(trainer, "conv", 9))
+    assert picks == [5, 5]
+    assert activation_bmu(a0) == 1 and activation_bmu(a1) == 2
