@@ -69,7 +69,8 @@ class SelfOrganizingMap(L.Callback):
         prefixes = [self.layers] if isinstance(self.layers, str) else list(self.layers)
         return any(name.startswith(p) for p in prefixes)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the targeted convs (after ``configure_model``, so lazily built models are seen)."""
         if self.mode == "none" or self.targets:
             return
         for name, module in pl_module.named_modules():
@@ -82,7 +83,8 @@ class SelfOrganizingMap(L.Callback):
                 self.targets[name] = module
                 self.schedules[name] = SOMSchedule(alpha0=alpha0, sigma0=self.sigma0 or float(side), decay=self.decay,
                                                    alpha_min=self.alpha_min, sigma_min=self.sigma_min)
-                self.distinct[name], self.alignment[name] = set(), []
+                self.distinct.setdefault(name, set())  # may hold restored checkpoint state already
+                self.alignment.setdefault(name, [])
         if not self.targets:
             raise ValueError(f"SOM layers={self.layers!r} matched no nn.Conv2d in {type(pl_module).__name__}")
         if self.mode == "ab":

@@ -9,6 +9,11 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 SMALL_DATA = ["--data.init_args.max_bytes=300000"]  # embedded data, but quick to read
 
 
+def quick_data_args(recipe):
+    """SMALL_DATA for recipes on the text datamodule (others have nothing slow to read)."""
+    return SMALL_DATA if "datamodules.text.TextDataModule" in Path(recipe).read_text() else []
+
+
 def run_dir_args(tmp_path):
     return [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
 

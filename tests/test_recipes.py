@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recipes.cli import main
-from tests.helpers import RECIPES, SMALL_DATA, run_cli, run_dir_args
+from tests.helpers import RECIPES, SMALL_DATA, quick_data_args, run_cli, run_dir_args
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -19,7 +19,8 @@ def test_recipe_prints_config(recipe, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_fast_dev_run(recipe, tmp_path):
-    code = main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=2", *run_dir_args(tmp_path), *SMALL_DATA])
+    code = main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=2", *run_dir_args(tmp_path),
+                 *quick_data_args(recipe)])
     assert code == 0
 
 
