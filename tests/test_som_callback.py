@@ -155,3 +155,25 @@ def test_two_simulated_ranks_pick_the_same_ab_bmu():
         picks.append(som._bmu(trainer, "conv", 9))
     assert picks == [5, 5]
     assert activation_bmu(a0) == 1 and activation_bmu(a1) == 2
+
+
+def test_topography_report_writes_csv_and_plots(tmp_path):
+    import csv
+
+    from callbacks.topography_report import TopographyReport
+    from datamodules.images import DigitsDataModule
+    from lightning_modules.topographic_resnet import TopographicClassifier
+
+    torch.manual_seed(0)
+    som, report = SelfOrganizingMap(mode="cb", alpha0=0.1, sigma_min=1.0), TopographyReport(n_perm=20)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, callbacks=[som, report], default_root_dir=tmp_path,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(TopographicClassifier(), DigitsDataModule())
+    run = tmp_path / "logs" / "version_0"
+    for name in ["topography.csv", "distance_curves.csv", "distance_curves.png", "selectivity_maps.png",
+                 "orientation_map.png"]:
+        assert (run / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(run / "topography.csv")))
+    assert {r["layer"] for r in rows} == set(som.targets)
+    assert all(float(r["distinct_bmu_frac"]) > 0 and -1 <= float(r["mean_alignment"]) <= 1 for r in rows)
