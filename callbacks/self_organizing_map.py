@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_modules.layers.topographic import (BMU_MODES, SOMSchedule, activation_bmu, credit_bmu, random_bmu,
-                                                  sheet_side, som_update_, unit_vectors)
+                                                  sheet_side, som_update_)
 
 
 class SelfOrganizingMap(L.Callback):
@@ -141,9 +141,8 @@ class SelfOrganizingMap(L.Callback):
             delta = som_update_(module.weight.data, bmu, alpha, sigma)
             self.distinct[name].add(bmu)
             if module.weight.grad is not None:  # cos(dW_SOM, -grad): Fig. 1c-style misalignment
-                cos = torch.nn.functional.cosine_similarity(unit_vectors(delta).flatten().double(),
-                                                            -unit_vectors(module.weight.grad).flatten().double(),
-                                                            dim=0)
+                cos = torch.nn.functional.cosine_similarity(delta.flatten().float(),
+                                                            -module.weight.grad.flatten().float(), dim=0)
                 self.alignment[name].append(float(cos))
             pl_module.log(f"som/{name}/bmu", float(bmu), on_step=True, on_epoch=False)
             pl_module.log(f"som/{name}/distinct_bmu_frac", len(self.distinct[name]) / module.out_channels,

@@ -111,14 +111,13 @@ def random_bmu(channels: int, generator: Optional[torch.Generator] = None) -> in
 def som_update_(weight: torch.Tensor, bmu: int, alpha: float, sigma: float) -> torch.Tensor:
     """Apply ``w_i += alpha * h_i * (w_c - w_i)`` in place to ``weight`` (``(C, ...)``); returns the change ``dW``.
 
-    The BMU's own kernel does not move.  Computed in float64 and cast back, so the update is exact to the
-    weight's precision.
+    The BMU's own kernel does not move.  Computed in the weight's dtype (float32 or wider).
     """
     channels = weight.shape[0]
-    h = neighbourhood(channels, bmu, sigma).to(weight.device)
-    w = unit_vectors(weight).double()
+    w = unit_vectors(weight)
+    h = neighbourhood(channels, bmu, sigma).to(device=weight.device, dtype=w.dtype)
     delta = (alpha * h)[:, None] * (w[bmu][None, :] - w)
     delta[bmu] = 0.0
-    delta = delta.to(weight.dtype).view_as(weight)
+    delta = delta.view_as(weight)
     weight.add_(delta)
     return delta
