@@ -1,11 +1,14 @@
-"""Image classification data for the CB-SOM recipes.
+"""Image classification data for the CB-SOM recipes (nothing is downloaded).
 
-``DigitsDataModule`` (the embedded default): scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10
-classes; no download), scaled to [0, 1], stratified train/test split with a fixed seed (spec cbsom.md 4.1: 1,347 /
-450).  The held-out part serves as validation and test set.
+* ``DigitsDataModule`` (the embedded default): scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10
+  classes), scaled to [0, 1], stratified train/test split with a fixed seed (spec cbsom.md 4.1: 1,347 / 450).  The
+  held-out part serves as validation and test set.
+* ``CIFARDataModule``: CIFAR-10 / CIFAR-100 from the standard python-pickle folder.
+* ``ImageFolderDataModule``: an ImageNet-style train/val ``ImageFolder`` tree with the paper's augmentations.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import lightning as L
@@ -49,6 +52,136 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+CIFAR_LAYOUT = {  # folder inside `path`, training files, test file, label key, classes
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
+}
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _read_cifar_file(path: str, label_key: bytes):
+    import pickle
+
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh, encoding="bytes")
+    if b"data" not in entry or label_key not in entry:
+        raise ValueError(f"{path} is not a CIFAR python batch (expected keys b'data' and {label_key!r})")
+    data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(entry[label_key], dtype=np.int64)
+
+
+class _ArrayImages(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(torch.from_numpy(self.images[i])), int(self.labels[i])
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10 / CIFAR-100 from the standard python-pickle folder (``path`` holds ``cifar-10-batches-py`` or
+    ``cifar-100-python``; nothing is downloaded).  Train: random crop 32 with padding 4 + horizontal flip."""
+
+    in_channels = 3
+
+    def __init__(self, path: str, variant: str = "cifar10", batch_size: int = 128, augment: bool = True,
+                 num_workers: int = 0):
+        super().__init__()
+        if variant not in CIFAR_LAYOUT:
+            raise ValueError(f"data.variant={variant!r}; expected one of {', '.join(CIFAR_LAYOUT)}")
+        folder, train_files, test_file, _, self.num_classes = CIFAR_LAYOUT[variant]
+        root = os.path.join(path, folder)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"CIFAR folder {root!r} does not exist; expected the python version of "
+                                    f"{variant} ({folder}/ with {', '.join(train_files[:2])}..., {test_file})")
+        missing = [f for f in train_files + [test_file] if not os.path.isfile(os.path.join(root, f))]
+        if missing:
+            raise ValueError(f"CIFAR folder {root!r} is missing {', '.join(missing)}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.root, self.train_files, self.test_file = root, train_files, test_file
+        self.train_set = self.test_set = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision.transforms import v2 as T
+
+        label_key = CIFAR_LAYOUT[self.hparams.variant][3]
+        parts = [_read_cifar_file(os.path.join(self.root, f), label_key) for f in self.train_files]
+        x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        x_te, y_te = _read_cifar_file(os.path.join(self.root, self.test_file), label_key)
+        norm = [T.ToDtype(torch.float32, scale=True), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.hparams.augment else []
+        self.train_set = _ArrayImages(x_tr, y_tr, T.Compose(aug + norm))
+        self.test_set = _ArrayImages(x_te, y_te, T.Compose(norm))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
+                          num_workers=self.hparams.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """ImageNet-style ``path/train/<class>/*`` and ``path/val/<class>/*`` (torchvision ``ImageFolder``) with the
+    paper's augmentations: train RandomResizedCrop(image_size) + horizontal flip, val Resize(resize) +
+    CenterCrop(image_size), ImageNet normalisation."""
+
+    in_channels = 3
+
+    def __init__(self, path: str, image_size: int = 224, resize: int = 256, batch_size: int = 256,
+                 num_workers: int = 8):
+        super().__init__()
+        for split in ("train", "val"):
+            d = os.path.join(path, split)
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"image folder {d!r} does not exist; expected {path}/train/<class>/*.JPEG "
+                                        f"and {path}/val/<class>/*.JPEG")
+        classes = sorted(e.name for e in os.scandir(os.path.join(path, "train")) if e.is_dir())
+        if not classes:
+            raise ValueError(f"image folder {os.path.join(path, 'train')!r} has no class sub-folders")
+        if image_size < 1 or resize < image_size:
+            raise ValueError(f"need 1 <= image_size <= resize, got image_size={image_size}, resize={resize}")
+        self.save_hyperparameters()
+        self.num_classes = len(classes)
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms import v2 as T
+
+        hp = self.hparams
+        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.train_set = ImageFolder(os.path.join(hp.path, "train"),
+                                     T.Compose([T.RandomResizedCrop(hp.image_size), T.RandomHorizontalFlip()] + norm))
+        self.val_set = ImageFolder(os.path.join(hp.path, "val"),
+                                   T.Compose([T.Resize(hp.resize), T.CenterCrop(hp.image_size)] + norm))
+        if self.val_set.classes != self.train_set.classes:
+            raise ValueError(f"train and val class folders differ under {hp.path!r}")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -50,3 +50,79 @@ def test_digits_split_is_stratified_and_scaled():
     assert float(share.min()) > 0.09 and float(share.max()) < 0.11  # ~10% per class in both splits
     with pytest.raises(ValueError, match="data.batch_size must be >= 1, got 0"):
         DigitsDataModule(batch_size=0)
+
+
+def _write_cifar(root, variant="cifar10", n=20):
+    import pickle
+
+    import numpy as np
+
+    from datamodules.images import CIFAR_LAYOUT
+
+    folder, train_files, test_file, key, classes = CIFAR_LAYOUT[variant]
+    d = root / folder
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in train_files + [test_file]:
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, n).tolist()}
+        with open(d / f, "wb") as fh:
+            pickle.dump(entry, fh)
+    return d
+
+
+@pytest.mark.parametrize("variant, classes, train_n", [("cifar10", 10, 100), ("cifar100", 100, 20)])
+def test_cifar_from_python_pickles(tmp_path, variant, classes, train_n):
+    from datamodules.images import CIFARDataModule
+
+    _write_cifar(tmp_path, variant)
+    dm = CIFARDataModule(str(tmp_path), variant=variant, batch_size=4)
+    dm.setup()
+    assert dm.num_classes == classes and len(dm.train_set) == train_n and len(dm.test_set) == 20
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and int(y.max()) < classes
+    xv, _ = next(iter(dm.val_dataloader()))  # no augmentation: the stored image, normalised
+    raw = torch.from_numpy(dm.test_set.images[0]).float() / 255
+    mean = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
+    std = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+    torch.testing.assert_close(xv[0], (raw - mean) / std)
+
+
+def test_cifar_missing_and_malformed(tmp_path):
+    from datamodules.images import CIFARDataModule
+
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py' does not exist"):
+        CIFARDataModule(str(tmp_path / "nowhere"))
+    d = _write_cifar(tmp_path)
+    (d / "data_batch_3").unlink()
+    with pytest.raises(ValueError, match="is missing data_batch_3"):
+        CIFARDataModule(str(tmp_path))
+
+
+def test_image_folder_tree_with_paper_augmentations(tmp_path):
+    from PIL import Image
+
+    from datamodules.images import ImageFolderDataModule
+
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "fish"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                arr = (torch.rand(40, 50, 3, generator=rng) * 255).byte().numpy()
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=24, resize=32, batch_size=4, num_workers=0)
+    dm.setup()
+    assert dm.num_classes == 3 and dm.train_set.classes == ["cat", "dog", "fish"]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 24, 24) and int(y.max()) <= 2
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape[-2:] == (24, 24)
+    with pytest.raises(FileNotFoundError, match="image folder .*val' does not exist"):
+        (tmp_path / "val").rename(tmp_path / "valid")
+        ImageFolderDataModule(str(tmp_path))
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        ImageFolderDataModule(str(empty))
