@@ -43,8 +43,11 @@ class SelfOrganizingMap(L.Callback):
     ):
         if mode not in BMU_MODES:
             raise ValueError(f"SOM mode {mode!r} is unknown; expected one of {', '.join(BMU_MODES)}")
-        if alpha0 < 0 or any(v < 0 for v in (alpha0_overrides or {}).values()):
-            raise ValueError(f"SOM alpha0 must be >= 0, got {alpha0} / overrides {alpha0_overrides}")
+        if alpha0 < 0:
+            raise ValueError(f"SOM alpha0 must be >= 0, got {alpha0}")
+        bad = {k: v for k, v in (alpha0_overrides or {}).items() if v < 0}
+        if bad:
+            raise ValueError(f"SOM alpha0_overrides must be >= 0, got {bad}")
         if sigma0 is not None and sigma0 <= 0:
             raise ValueError(f"SOM sigma0 must be > 0 (or null for sqrt(channels)), got {sigma0}")
         SOMSchedule(alpha0=alpha0, sigma0=sigma0 or 1.0, decay=decay, alpha_min=alpha_min, sigma_min=sigma_min)

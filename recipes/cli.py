@@ -63,6 +63,7 @@ def _one_line(err: BaseException) -> str:
             where = f"{where}.{inner.group(1)}" if where else inner.group(1)
             text = inner.group(2)
         text = f"{where}: {text}" if where else text
+    text = re.sub(r" - Not a valid subclass of .*$", "", text)  # jsonargparse's list of accepted forms
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("Expected a ", "expected ")
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 

@@ -133,3 +133,15 @@ def test_validate_test_predict_subcommands(tmp_path, capsys):
     assert main(["predict", *base, "--ckpt_path=last", "--model.init_args.predict_new_tokens=3"]) == 0
     out = capsys.readouterr().out
     assert "val/loss" in out and "test/loss_256_512" in out
+
+
+@pytest.mark.parametrize("init_args, needle", [("{mode: kohonen}", "SOM mode 'kohonen' is unknown"),
+                                               ("{alpha0: -0.5}", "SOM alpha0 must be >= 0, got -0.5")])
+def test_bad_som_callback_config_is_one_line(init_args, needle, tmp_path, capsys):
+    extra = tmp_path / "som.yaml"
+    extra.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.self_organizing_map.SelfOrganizingMap\n"
+                     f"      init_args: {init_args}\n")
+    code = main(["fit", "--config", "recipes/cbsom_digits.yaml", "--config", str(extra), *run_dir_args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-1:]
+    assert "Not a valid subclass" not in err[-1] and len(err[-1]) < 200
