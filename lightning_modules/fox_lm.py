@@ -249,7 +249,3 @@ class FoXLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hyper_parameters"]["vocab_size"] = self.hparams.vocab_size
-        checkpoint["hyper_parameters"]["train_seq_len"] = self.hparams.train_seq_len

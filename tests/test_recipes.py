@@ -38,6 +38,11 @@ def test_fit_writes_plots_csvs_checkpoints_and_config(tmp_path):
     assert "val/loss_128_256" in header and "val/loss_256_512" in header and "gates/mean_log_f" in header
     rows = (run / "position_loss.csv").read_text().splitlines()
     assert len(rows) == 1 + 512  # 4x the training length
+    from lightning_modules.fox_lm import FoXLM  # the lazily built model reloads from its checkpoint alone
+
+    loaded = FoXLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert loaded.hparams.vocab_size == 256 and loaded.hparams.train_seq_len == 128
+    assert loaded.model.lm_head.out_features == 256
 
 
 def test_wandb_logger_offline(tmp_path, monkeypatch):
