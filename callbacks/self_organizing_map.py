@@ -12,9 +12,13 @@ weight decay).  ``t`` is ``trainer.global_step`` and ``T`` ``trainer.estimated_s
 * ``mode="random"``: uniform BMU from a generator seeded identically on every rank and saved in checkpoints.
 * ``mode="none"``: no update (the baseline, same recipe).
 
+Under ``16-mixed`` with loss scaling, a step the ``GradScaler`` skips (inf/nan gradients) gets no SOM step either;
+under ``bf16-mixed`` the weights, gradients and the update stay in float32 (tested).
+
 Targeted layers: every ``nn.Conv2d`` (``layers="all"``; the authors' script silently updated only the stem, bug
 B1) or the convs whose names start with one of the given prefixes.  Each needs a perfect-square channel count.
-Logged per layer: BMU, distinct BMUs so far, and the alignment cos(dW_SOM, -dL/dW) (the paper's Fig. 1c idea).
+Logged per layer: BMU, distinct BMUs so far, and the alignment cos(dW_SOM, -dL/dW) (the paper's Fig. 1c idea),
+kept as a running mean so the checkpointed state stays O(layers x channels) however long the run.
 """
 from __future__ import annotations
 
@@ -26,6 +30,16 @@ from torch import nn
 
 from lightning_modules.layers.topographic import (BMU_MODES, SOMSchedule, activation_bmu, credit_bmu, random_bmu,
                                                   sheet_side, som_update_)
+
+
+def _scaler_will_skip(trainer, optimizer) -> bool:
+    """Whether fp16 loss scaling (``16-mixed`` with a ``GradScaler``) is about to skip this optimizer step: the
+    gradients, already unscaled when ``on_before_optimizer_step`` runs, hold an inf or nan."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 class SelfOrganizingMap(L.Callback):
@@ -58,7 +72,9 @@ class SelfOrganizingMap(L.Callback):
         self.targets: Dict[str, nn.Conv2d] = {}
         self.schedules: Dict[str, SOMSchedule] = {}
         self.distinct: Dict[str, set] = {}
-        self.alignment: Dict[str, List[float]] = {}
+        self.updates: Dict[str, int] = {}  # SOM updates applied per layer
+        self.align_sum: Dict[str, float] = {}  # sum of cos(dW_SOM, -grad) over the updates that had a gradient
+        self.align_n: Dict[str, int] = {}
         self._credit: Dict[str, int] = {}
         self._act_sum: Dict[str, torch.Tensor] = {}
         self._act_n: Dict[str, int] = {}
@@ -87,7 +103,8 @@ class SelfOrganizingMap(L.Callback):
                 self.schedules[name] = SOMSchedule(alpha0=alpha0, sigma0=self.sigma0 or float(side), decay=self.decay,
                                                    alpha_min=self.alpha_min, sigma_min=self.sigma_min)
                 self.distinct.setdefault(name, set())  # may hold restored checkpoint state already
-                self.alignment.setdefault(name, [])
+                for store in (self.updates, self.align_sum, self.align_n):
+                    store.setdefault(name, 0)
         if not self.targets:
             raise ValueError(f"SOM layers={self.layers!r} matched no nn.Conv2d in {type(pl_module).__name__}")
         if self.mode == "ab":
@@ -110,6 +127,11 @@ class SelfOrganizingMap(L.Callback):
     # ------------------------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.mode == "none":
+            return
+        if _scaler_will_skip(trainer, optimizer):  # fp16 loss scaling found inf/nan: no optimizer step, no SOM step
+            self._credit.clear()
+            self._act_sum.clear()
+            self._act_n.clear()
             return
         if self.mode == "cb":
             for name, module in self.targets.items():
@@ -143,10 +165,12 @@ class SelfOrganizingMap(L.Callback):
                 continue
             delta = som_update_(module.weight.data, bmu, alpha, sigma)
             self.distinct[name].add(bmu)
+            self.updates[name] += 1
             if module.weight.grad is not None:  # cos(dW_SOM, -grad): Fig. 1c-style misalignment
                 cos = torch.nn.functional.cosine_similarity(delta.flatten().float(),
                                                             -module.weight.grad.flatten().float(), dim=0)
-                self.alignment[name].append(float(cos))
+                self.align_sum[name] += float(cos)
+                self.align_n[name] += 1
             pl_module.log(f"som/{name}/bmu", float(bmu), on_step=True, on_epoch=False)
             pl_module.log(f"som/{name}/distinct_bmu_frac", len(self.distinct[name]) / module.out_channels,
                           on_step=True, on_epoch=False)
@@ -157,13 +181,19 @@ class SelfOrganizingMap(L.Callback):
         self._act_sum.clear()
         self._act_n.clear()
 
+    def mean_alignment(self, name: str) -> float:
+        """Mean cos(dW_SOM, -dL/dW) of layer ``name`` over the run so far (nan before the first update)."""
+        n = self.align_n.get(name, 0)
+        return self.align_sum[name] / n if n else float("nan")
+
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(),
                 "distinct": {k: sorted(v) for k, v in self.distinct.items()},
-                "alignment": {k: list(v) for k, v in self.alignment.items()}}
+                "updates": dict(self.updates), "align_sum": dict(self.align_sum), "align_n": dict(self.align_n)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.generator.set_state(state_dict["generator"])
         self.distinct = {k: set(v) for k, v in state_dict.get("distinct", {}).items()}
-        self.alignment = {k: list(v) for k, v in state_dict.get("alignment", {}).items()}
+        for key in ("updates", "align_sum", "align_n"):
+            setattr(self, key, dict(state_dict.get(key, {})))

@@ -56,10 +56,13 @@ def conv_responses(model: nn.Module, convs: Dict[str, nn.Conv2d], images: torch.
 
 
 class TopographyReport(L.Callback):
-    def __init__(self, n_perm: int = 200, max_images: int = 1000, seed: int = 0):
+    def __init__(self, n_perm: int = 200, max_images: int = 1000, seed: int = 0, max_plot_classes: int = 10):
         if n_perm < 10:
             raise ValueError(f"n_perm must be >= 10, got {n_perm}")
+        if max_images < 2 or max_plot_classes < 1:
+            raise ValueError(f"need max_images >= 2 and max_plot_classes >= 1, got {max_images}, {max_plot_classes}")
         self.n_perm, self.max_images, self.seed = n_perm, max_images, seed
+        self.max_plot_classes = max_plot_classes
         self.rows: List[dict] = []
 
     def _probe(self, trainer: L.Trainer, device):
@@ -99,8 +102,7 @@ class TopographyReport(L.Callback):
                    "mean_kernel_cosine": mean_pairwise_cosine(conv.weight.detach().cpu())}
             if som is not None and name in som.distinct:
                 row["distinct_bmu_frac"] = len(som.distinct[name]) / conv.out_channels
-                row["mean_alignment"] = (sum(som.alignment[name]) / len(som.alignment[name])
-                                         if som.alignment[name] else float("nan"))
+                row["mean_alignment"] = som.mean_alignment(name)
             rows.append(row)
             curves[name] = curve
             if "downsample" not in name or last_dprime is None:  # plot the last main-path conv, not a shortcut
@@ -150,7 +152,7 @@ class TopographyReport(L.Callback):
         plt.close(fig)
         name, dprime = last_dprime
         side = sheet_side(dprime.shape[1])
-        k = dprime.shape[0]
+        k = min(dprime.shape[0], self.max_plot_classes)  # ImageNet: the first classes, not 1000 panels
         cols = min(k, 5)
         fig, axes = plt.subplots(math.ceil(k / cols), cols, figsize=(2.2 * cols, 2.2 * math.ceil(k / cols)),
                                  squeeze=False)

@@ -5,6 +5,10 @@
   held-out part serves as validation and test set.
 * ``CIFARDataModule``: CIFAR-10 / CIFAR-100 from the standard python-pickle folder.
 * ``ImageFolderDataModule``: an ImageNet-style train/val ``ImageFolder`` tree with the paper's augmentations.
+
+Training order is a pure function of ``(seed, epoch)`` and restarts from the trainer's restored step, so a run
+resumed mid-epoch sees the batches an uninterrupted run would (``datamodules.sampling``); under DDP each rank gets
+its share of the same permutation.  Random augmentations draw from the worker's RNG, seeded by Lightning per worker.
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.sampling import eval_sampler, shuffled_resumable
+
 
 class DigitsDataModule(L.LightningDataModule):
     num_classes = 10
     in_channels = 1
 
-    def __init__(self, batch_size: int = 64, test_fraction: float = 0.25, split_seed: int = 0, num_workers: int = 0):
+    def __init__(self, batch_size: int = 64, test_fraction: float = 0.25, split_seed: int = 0, num_workers: int = 0,
+                 seed: int = 0):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -47,11 +54,13 @@ class DigitsDataModule(L.LightningDataModule):
         self.test_set = TensorDataset(torch.from_numpy(x_te), torch.from_numpy(y_te))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers)
+        hp = self.hparams
+        sampler = shuffled_resumable(self.train_set, hp.batch_size, self.trainer, hp.seed, drop_last=False)
+        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256, num_workers=self.hparams.num_workers)
+        return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),
+                          num_workers=self.hparams.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -94,7 +103,7 @@ class CIFARDataModule(L.LightningDataModule):
     in_channels = 3
 
     def __init__(self, path: str, variant: str = "cifar10", batch_size: int = 128, augment: bool = True,
-                 num_workers: int = 0):
+                 num_workers: int = 0, seed: int = 0):
         super().__init__()
         if variant not in CIFAR_LAYOUT:
             raise ValueError(f"data.variant={variant!r}; expected one of {', '.join(CIFAR_LAYOUT)}")
@@ -127,11 +136,14 @@ class CIFARDataModule(L.LightningDataModule):
         self.test_set = _ArrayImages(x_te, y_te, T.Compose(norm))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, drop_last=True)
+        hp = self.hparams
+        sampler = shuffled_resumable(self.train_set, hp.batch_size, self.trainer, hp.seed, drop_last=True)
+        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          drop_last=True, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256, num_workers=self.hparams.num_workers)
+        return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),
+                          num_workers=self.hparams.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -145,7 +157,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     in_channels = 3
 
     def __init__(self, path: str, image_size: int = 224, resize: int = 256, batch_size: int = 256,
-                 num_workers: int = 8):
+                 num_workers: int = 8, seed: int = 0):
         super().__init__()
         for split in ("train", "val"):
             d = os.path.join(path, split)
@@ -177,11 +189,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"train and val class folders differ under {hp.path!r}")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers)
+        hp = self.hparams
+        sampler = shuffled_resumable(self.train_set, hp.batch_size, self.trainer, hp.seed, drop_last=True)
+        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size,
+                          sampler=eval_sampler(self.val_set, self.trainer), num_workers=self.hparams.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

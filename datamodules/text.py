@@ -20,18 +20,15 @@ import math
 import os
 import pickle
 import sysconfig
-import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-# Lightning warns that a mid-epoch resume is unreliable unless the loader has state_dict(); ours needs none: the
-# sampler restarts from trainer.global_step and every sample is a pure function of (seed, index) (tested).
-warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+from datamodules.sampling import ResumableSampler, resume_position, world_of
 
 
 def stdlib_bytes(max_bytes: Optional[int] = None) -> np.ndarray:
@@ -83,29 +80,6 @@ class FixedWindows(Dataset):
         s = self.starts[i]
         w = torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))
         return w[:-1], w[1:]
-
-
-class ResumableSampler(DistributedSampler):
-    """Sequential indices, interleaved across ranks, skipping the samples a resumed run already consumed.
-
-    A ``DistributedSampler`` subclass so Lightning keeps it as is under DDP.  Each epoch has ``local_per_epoch``
-    samples per rank; ``skip`` of them are skipped in the epoch the run resumes in (``start_epoch``).
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, local_per_epoch: int, skip: int = 0,
-                 start_epoch: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
-        self.num_samples, self.total_size = local_per_epoch, local_per_epoch * num_replicas
-        self.skip, self.first_epoch = skip, start_epoch
-
-    def __len__(self) -> int:  # the full epoch: Lightning counts a resumed epoch's batches from the restored step
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        skip = self.skip if self.epoch == self.first_epoch else 0
-        base = self.epoch * self.total_size
-        for n in range(skip, self.num_samples):
-            yield base + n * self.num_replicas + self.rank
 
 
 class TextDataModule(L.LightningDataModule):
@@ -244,10 +218,7 @@ class TextDataModule(L.LightningDataModule):
         self._load()
 
     def _world(self):
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
+        return world_of(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
@@ -259,11 +230,8 @@ class TextDataModule(L.LightningDataModule):
         if epochs is None and trainer is not None and trainer.max_steps > 0:
             epochs = math.ceil(trainer.max_steps * trainer.accumulate_grad_batches / batches)
         length = (epochs or 1) * batches * self.batch_size * world
-        skip, start_epoch = 0, 0
-        if trainer is not None:  # resume: skip what the restored step count already consumed
-            consumed = trainer.global_step * trainer.accumulate_grad_batches
-            start_epoch = trainer.current_epoch
-            skip = max(0, consumed - start_epoch * batches) * self.batch_size
+        start_epoch, consumed = resume_position(trainer, batches)  # resume: skip what was already consumed
+        skip = consumed * self.batch_size
         dataset = RandomWindows(self.train_tokens, self.seq_len, self.seed, length)
         sampler = ResumableSampler(dataset, world, rank, batches * self.batch_size, skip, start_epoch)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,

@@ -9,9 +9,55 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 SMALL_DATA = ["--data.init_args.max_bytes=300000"]  # embedded data, but quick to read
 
 
-def quick_data_args(recipe):
-    """SMALL_DATA for recipes on the text datamodule (others have nothing slow to read)."""
-    return SMALL_DATA if "datamodules.text.TextDataModule" in Path(recipe).read_text() else []
+def write_cifar(root, variant="cifar10", n=20):
+    """A CIFAR python-pickle folder of random images under ``root`` (as the real archive unpacks)."""
+    import pickle
+
+    import numpy as np
+
+    from datamodules.images import CIFAR_LAYOUT
+
+    folder, train_files, test_file, key, classes = CIFAR_LAYOUT[variant]
+    d = Path(root) / folder
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in train_files + [test_file]:
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}
+        with open(d / f, "wb") as fh:
+            pickle.dump(entry, fh)
+    return d
+
+
+def write_image_folder(root, classes=("cat", "dog", "fish"), per_class=3, size=(40, 50)):
+    """An ImageNet-style ``train/<class>/*.png`` + ``val/<class>/*.png`` tree of random images."""
+    import torch
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            (Path(root) / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                arr = (torch.rand(*size, 3, generator=rng) * 255).byte().numpy()
+                Image.fromarray(arr).save(Path(root) / split / cls / f"{i}.png")
+    return Path(root)
+
+
+def recipe_data_args(recipe, tmp_path):
+    """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
+    is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
+    text = Path(recipe).read_text()
+    if "datamodules.text.TextDataModule" in text:
+        return list(SMALL_DATA)
+    if "datamodules.images.CIFARDataModule" in text:
+        write_cifar(tmp_path / "cifar", n=16)
+        return [f"--data.init_args.path={tmp_path / 'cifar'}", "--data.init_args.batch_size=4",
+                "--data.init_args.num_workers=0"]
+    if "datamodules.images.ImageFolderDataModule" in text:
+        write_image_folder(tmp_path / "imagenet", per_class=4)
+        return [f"--data.init_args.path={tmp_path / 'imagenet'}", "--data.init_args.batch_size=4",
+                "--data.init_args.image_size=32", "--data.init_args.resize=36", "--data.init_args.num_workers=0"]
+    return []
 
 
 def run_dir_args(tmp_path):

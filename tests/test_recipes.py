@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recipes.cli import main
-from tests.helpers import RECIPES, SMALL_DATA, quick_data_args, run_cli, run_dir_args
+from tests.helpers import RECIPES, SMALL_DATA, recipe_data_args, run_cli, run_dir_args
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -20,7 +20,7 @@ def test_recipe_prints_config(recipe, capsys):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_fast_dev_run(recipe, tmp_path):
     code = main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=2", *run_dir_args(tmp_path),
-                 *quick_data_args(recipe)])
+                 *recipe_data_args(recipe, tmp_path)])
     assert code == 0
 
 

@@ -47,7 +47,7 @@ class Recorder(L.Callback):
         for name, m in pl_module.named_modules():
             if isinstance(m, nn.Conv2d):
                 m.register_forward_hook(lambda mod, i, o, name=name: self.act.__setitem__(
-                    name, o.detach().mean(0)) if mod.training else None)
+                    name, o.detach().float().mean(0)) if mod.training else None)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads = {n: m.weight.grad.clone() for n, m in pl_module.named_modules() if isinstance(m, nn.Conv2d)}
@@ -57,20 +57,22 @@ class Recorder(L.Callback):
                           if isinstance(m, nn.Conv2d)}
 
 
-def fit(som, steps=1, accumulate=1, model=None):
+def fit(som, steps=1, accumulate=1, model=None, **trainer_kwargs):
     torch.manual_seed(0)
     model = model or TinyConvNet()
     rec = Recorder()
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[rec, som], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", **trainer_kwargs)
     trainer.fit(model, loader())
     return model, rec, trainer
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("mode", ["cb", "ab"])
-def test_one_step_is_the_exact_som_update_on_every_layer(mode):
+def test_one_step_is_the_exact_som_update_on_every_layer(mode, precision):
     som = SelfOrganizingMap(mode=mode, alpha0=0.2, sigma_min=1.0)
-    model, rec, trainer = fit(som)
+    model, rec, trainer = fit(som, precision=precision)
     total = trainer.estimated_stepping_batches
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert set(som.targets) == set(convs)  # every conv, not only the first (the authors' bug B1)
@@ -82,6 +84,32 @@ def test_one_step_is_the_exact_som_update_on_every_layer(mode):
         torch.testing.assert_close(conv.weight.detach(), post, rtol=0, atol=1e-7)
         assert not torch.equal(conv.weight.detach(), rec.post_step[name]), name  # the layer did change
         assert som.distinct[name] == {bmu}
+
+
+def test_no_som_step_when_fp16_loss_scaling_skips_the_optimizer_step():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # A huge initial scale overflows the fp16 backward: the GradScaler skips the first steps and halves its scale.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
+    som = SelfOrganizingMap(mode="cb", alpha0=0.2, sigma_min=1.0)
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L.Trainer(max_steps=1, callbacks=[som], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(model, loader())
+    assert scaler.get_scale() < 2.0 ** 60  # the step was skipped
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n  # neither the optimizer nor the SOM moved a weight
+    assert set(som.updates.values()) == {0}
+    # with a sane scale, the steps go through and so do the SOM steps
+    som_ok = SelfOrganizingMap(mode="cb", alpha0=0.2, sigma_min=1.0)
+    trainer = L.Trainer(max_steps=2, callbacks=[som_ok], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    trainer.fit(TinyConvNet(), loader())
+    assert set(som_ok.updates.values()) == {2}
 
 
 def test_mode_none_changes_nothing_after_the_step():
@@ -96,8 +124,8 @@ def test_one_som_step_per_optimizer_step_under_accumulation():
     som = SelfOrganizingMap(mode="cb", alpha0=0.2)
     _, _, trainer = fit(som, steps=3, accumulate=2)
     assert trainer.global_step == 3
-    assert all(len(v) == 3 for v in som.alignment.values())
-    assert all(-1.0 <= a <= 1.0 for v in som.alignment.values() for a in v)
+    assert set(som.updates.values()) == {3} and set(som.align_n.values()) == {3}
+    assert all(-1.0 <= som.mean_alignment(n) <= 1.0 for n in som.targets)
 
 
 def test_layer_prefixes_and_per_stage_alpha():

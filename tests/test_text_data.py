@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.text import RandomWindows, ResumableSampler, TextDataModule
+from datamodules.sampling import ResumableSampler, ShuffleResumableSampler
+from datamodules.text import RandomWindows, TextDataModule
 
 
 def batches(dm, n=2):
@@ -37,6 +38,23 @@ def test_resumable_sampler_skips_consumed_and_splits_ranks():
     s = ResumableSampler(ds, 1, 0, local_per_epoch=4, skip=2, start_epoch=0)
     s.set_epoch(1)
     assert list(s) == [4, 5, 6, 7]  # the skip applies only to the resumed epoch
+
+
+def test_shuffle_sampler_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
+    ds = list(range(10))
+    a = ShuffleResumableSampler(ds, seed=3)
+    epoch0 = list(a)
+    a.set_epoch(1)
+    epoch1 = list(a)
+    assert sorted(epoch0) == sorted(epoch1) == ds and epoch0 != epoch1
+    assert list(ShuffleResumableSampler(ds, seed=3)) == epoch0  # no hidden global RNG
+    resumed = ShuffleResumableSampler(ds, seed=3, skip=4, start_epoch=1)
+    assert list(resumed) == epoch1[4:]
+    resumed.set_epoch(2)
+    a.set_epoch(2)
+    assert list(resumed) == list(a)
+    r0, r1 = (list(ShuffleResumableSampler(ds, 2, r, seed=3)) for r in (0, 1))
+    assert sorted(r0 + r1) == ds
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])

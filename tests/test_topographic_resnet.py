@@ -7,6 +7,7 @@ from torch import nn
 
 from datamodules.images import DigitsDataModule
 from lightning_modules.topographic_resnet import PRESETS, TopographicClassifier, TopographicResNet
+from tests.helpers import write_cifar, write_image_folder
 
 
 @pytest.mark.parametrize("preset", ["tiny", "resnet18"])
@@ -52,30 +53,11 @@ def test_digits_split_is_stratified_and_scaled():
         DigitsDataModule(batch_size=0)
 
 
-def _write_cifar(root, variant="cifar10", n=20):
-    import pickle
-
-    import numpy as np
-
-    from datamodules.images import CIFAR_LAYOUT
-
-    folder, train_files, test_file, key, classes = CIFAR_LAYOUT[variant]
-    d = root / folder
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for f in train_files + [test_file]:
-        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 key: rng.integers(0, classes, n).tolist()}
-        with open(d / f, "wb") as fh:
-            pickle.dump(entry, fh)
-    return d
-
-
 @pytest.mark.parametrize("variant, classes, train_n", [("cifar10", 10, 100), ("cifar100", 100, 20)])
 def test_cifar_from_python_pickles(tmp_path, variant, classes, train_n):
     from datamodules.images import CIFARDataModule
 
-    _write_cifar(tmp_path, variant)
+    write_cifar(tmp_path, variant)
     dm = CIFARDataModule(str(tmp_path), variant=variant, batch_size=4)
     dm.setup()
     assert dm.num_classes == classes and len(dm.train_set) == train_n and len(dm.test_set) == 20
@@ -93,24 +75,16 @@ def test_cifar_missing_and_malformed(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py' does not exist"):
         CIFARDataModule(str(tmp_path / "nowhere"))
-    d = _write_cifar(tmp_path)
+    d = write_cifar(tmp_path)
     (d / "data_batch_3").unlink()
     with pytest.raises(ValueError, match="is missing data_batch_3"):
         CIFARDataModule(str(tmp_path))
 
 
 def test_image_folder_tree_with_paper_augmentations(tmp_path):
-    from PIL import Image
-
     from datamodules.images import ImageFolderDataModule
 
-    rng = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for cls in ("cat", "dog", "fish"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(3):
-                arr = (torch.rand(40, 50, 3, generator=rng) * 255).byte().numpy()
-                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    write_image_folder(tmp_path)
     dm = ImageFolderDataModule(str(tmp_path), image_size=24, resize=32, batch_size=4, num_workers=0)
     dm.setup()
     assert dm.num_classes == 3 and dm.train_set.classes == ["cat", "dog", "fish"]
