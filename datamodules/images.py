@@ -6,9 +6,11 @@
 * ``CIFARDataModule``: CIFAR-10 / CIFAR-100 from the standard python-pickle folder.
 * ``ImageFolderDataModule``: an ImageNet-style train/val ``ImageFolder`` tree with the paper's augmentations.
 
-Training order is a pure function of ``(seed, epoch)`` and restarts from the trainer's restored step, so a run
-resumed mid-epoch sees the batches an uninterrupted run would (``datamodules.sampling``); under DDP each rank gets
-its share of the same permutation.  Random augmentations draw from the worker's RNG, seeded by Lightning per worker.
+Training order is a pure function of ``(seed, epoch)`` (``seed`` unset: the run's ``seed_everything`` value) and
+restarts from the trainer's restored step, so a run resumed mid-epoch sees the batches an uninterrupted run would
+(``datamodules.sampling``); under DDP each rank gets its share of the same permutation.  Random augmentations
+(CIFAR / ImageFolder) draw from torch's RNG, seeded by ``seed_everything`` but not restored on resume; the digits
+recipes have none, so their resumed runs are bit-identical (tested).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class DigitsDataModule(L.LightningDataModule):
     in_channels = 1
 
     def __init__(self, batch_size: int = 64, test_fraction: float = 0.25, split_seed: int = 0, num_workers: int = 0,
-                 seed: int = 0):
+                 seed: Optional[int] = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -103,7 +105,7 @@ class CIFARDataModule(L.LightningDataModule):
     in_channels = 3
 
     def __init__(self, path: str, variant: str = "cifar10", batch_size: int = 128, augment: bool = True,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: Optional[int] = None):
         super().__init__()
         if variant not in CIFAR_LAYOUT:
             raise ValueError(f"data.variant={variant!r}; expected one of {', '.join(CIFAR_LAYOUT)}")
@@ -157,7 +159,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     in_channels = 3
 
     def __init__(self, path: str, image_size: int = 224, resize: int = 256, batch_size: int = 256,
-                 num_workers: int = 8, seed: int = 0):
+                 num_workers: int = 8, seed: Optional[int] = None):
         super().__init__()
         for split in ("train", "val"):
             d = os.path.join(path, split)

@@ -6,6 +6,7 @@ trainer's restored step count: ``skip`` local samples are left out of the epoch 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Iterator, Optional, Tuple
 
@@ -76,9 +77,12 @@ class ShuffleResumableSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
-def shuffled_resumable(dataset, batch_size: int, trainer, seed: int, drop_last: bool,
+def shuffled_resumable(dataset, batch_size: int, trainer, seed: Optional[int], drop_last: bool,
                        shuffle: bool = True) -> ShuffleResumableSampler:
-    """The training sampler for a finite map-style dataset, positioned where a resumed fit left off."""
+    """The training sampler for a finite map-style dataset, positioned where a resumed fit left off.  ``seed=None``
+    follows the run's ``seed_everything`` value (as Lightning's own distributed sampler does), else 0."""
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     world, rank = world_of(trainer)
     local = len(dataset) // world if drop_last else -(-len(dataset) // world)
     batches = local // batch_size if drop_last else -(-local // batch_size)
