@@ -4,6 +4,10 @@
   classes), scaled to [0, 1], stratified train/test split with a fixed seed (spec cbsom.md 4.1: 1,347 / 450).  The
   held-out part serves as validation and test set.
 * ``CIFARDataModule``: CIFAR-10 / CIFAR-100 from the standard python-pickle folder.
+
+With ``with_index=true`` the digits and CIFAR training items are ``(x, y, index)``, index = position in the training
+set (Feasible Learning's per-sample multipliers); ``train_eval_dataloader()`` is the training set in order without
+augmentation, for per-sample training-loss metrics.
 * ``ImageFolderDataModule``: an ImageNet-style train/val ``ImageFolder`` tree with the paper's augmentations.
 
 Training order is a pure function of ``(seed, epoch)`` (``seed`` unset: the run's ``seed_everything`` value) and
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.indexed import IndexedDataset
 from datamodules.sampling import eval_sampler, shuffled_resumable
 
 
@@ -30,7 +35,7 @@ class DigitsDataModule(L.LightningDataModule):
     in_channels = 1
 
     def __init__(self, batch_size: int = 64, test_fraction: float = 0.25, split_seed: int = 0, num_workers: int = 0,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, standardize: bool = False, with_index: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -52,13 +57,28 @@ class DigitsDataModule(L.LightningDataModule):
         hp = self.hparams
         x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=hp.test_fraction, stratify=y,
                                                   random_state=hp.split_seed)
+        if hp.standardize:  # per pixel, with the training split's statistics (spec feasible_learning.md 4.1)
+            mean, std = x_tr.mean(0, keepdims=True), x_tr.std(0, keepdims=True) + 1e-3
+            x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
         self.train_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
         self.test_set = TensorDataset(torch.from_numpy(x_te), torch.from_numpy(y_te))
 
+    @property
+    def num_train_samples(self) -> int:
+        self.setup()
+        return len(self.train_set)
+
+    def _train(self):
+        return IndexedDataset(self.train_set) if self.hparams.with_index else self.train_set
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        sampler = shuffled_resumable(self.train_set, hp.batch_size, self.trainer, hp.seed, drop_last=False)
-        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers)
+        data = self._train()
+        sampler = shuffled_resumable(data, hp.batch_size, self.trainer, hp.seed, drop_last=False)
+        return DataLoader(data, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        return DataLoader(self._train(), batch_size=512, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),
@@ -105,7 +125,7 @@ class CIFARDataModule(L.LightningDataModule):
     in_channels = 3
 
     def __init__(self, path: str, variant: str = "cifar10", batch_size: int = 128, augment: bool = True,
-                 num_workers: int = 0, seed: Optional[int] = None):
+                 num_workers: int = 0, seed: Optional[int] = None, with_index: bool = False):
         super().__init__()
         if variant not in CIFAR_LAYOUT:
             raise ValueError(f"data.variant={variant!r}; expected one of {', '.join(CIFAR_LAYOUT)}")
@@ -135,13 +155,26 @@ class CIFARDataModule(L.LightningDataModule):
         norm = [T.ToDtype(torch.float32, scale=True), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.hparams.augment else []
         self.train_set = _ArrayImages(x_tr, y_tr, T.Compose(aug + norm))
+        self.train_eval_set = _ArrayImages(x_tr, y_tr, T.Compose(norm))
         self.test_set = _ArrayImages(x_te, y_te, T.Compose(norm))
+
+    @property
+    def num_train_samples(self) -> int:
+        self.setup()
+        return len(self.train_set)
+
+    def _indexed(self, data):
+        return IndexedDataset(data) if self.hparams.with_index else data
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        sampler = shuffled_resumable(self.train_set, hp.batch_size, self.trainer, hp.seed, drop_last=True)
-        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+        data = self._indexed(self.train_set)
+        sampler = shuffled_resumable(data, hp.batch_size, self.trainer, hp.seed, drop_last=True)
+        return DataLoader(data, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
                           drop_last=True, persistent_workers=hp.num_workers > 0)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        return DataLoader(self._indexed(self.train_eval_set), batch_size=512, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),

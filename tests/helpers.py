@@ -43,6 +43,21 @@ def write_image_folder(root, classes=("cat", "dog", "fish"), per_class=3, size=(
     return Path(root)
 
 
+def write_utkface(root, n=24, size=(20, 20)):
+    """A flat folder of random faces named ``<age>_<gender>_<race>_<datetime>.jpg.chip.jpg`` (ages 1..90)."""
+    import torch
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    root = Path(root)
+    root.mkdir(parents=True)
+    for i in range(n):
+        age = 1 + (i * 37) % 90
+        arr = (torch.rand(*size, 3, generator=rng) * 255).byte().numpy()
+        Image.fromarray(arr).save(root / f"{age}_{i % 2}_{i % 5}_2017010915{i:07d}.jpg.chip.jpg", format="JPEG")
+    return root
+
+
 def recipe_data_args(recipe, tmp_path):
     """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
     is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
@@ -53,6 +68,10 @@ def recipe_data_args(recipe, tmp_path):
         write_cifar(tmp_path / "cifar", n=16)
         return [f"--data.init_args.path={tmp_path / 'cifar'}", "--data.init_args.batch_size=4",
                 "--data.init_args.num_workers=0"]
+    if "datamodules.utkface.UTKFaceDataModule" in text:
+        write_utkface(tmp_path / "utk")
+        return [f"--data.init_args.path={tmp_path / 'utk'}", "--data.init_args.batch_size=4",
+                "--data.init_args.image_size=32", "--data.init_args.num_workers=0"]
     if "datamodules.images.ImageFolderDataModule" in text:
         write_image_folder(tmp_path / "imagenet", per_class=4)
         return [f"--data.init_args.path={tmp_path / 'imagenet'}", "--data.init_args.batch_size=4",
@@ -69,6 +88,35 @@ def run_cli(args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "recipes", *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def kill_and_resume(tmp_path, common, callbacks_yaml, kill_at, saved_step):
+    """Run ``common`` straight through, and again SIGKILLed after step ``kill_at`` (checkpoint at ``saved_step``) and
+    resumed with ``--ckpt_path last``; ``callbacks_yaml`` is the ``trainer.callbacks`` list (YAML list items).
+    Returns the two final checkpoints (straight, resumed)."""
+    import torch
+
+    def go(name, kill=False, extra=()):
+        out = tmp_path / name
+        cfg = tmp_path / f"{name}{'_kill' if kill else ''}.yaml"
+        text = "trainer:\n  callbacks:\n" + callbacks_yaml
+        if kill:
+            text += f"    - class_path: tests.helpers.KillAfterStep\n      init_args:\n        step: {kill_at}\n"
+        cfg.write_text(text)
+        return run_cli([*common, "--config", str(cfg), f"--trainer.default_root_dir={out}",
+                        f"--trainer.logger.init_args.save_dir={out}", *extra])
+
+    def last(name):
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    straight = go("straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    crashed = go("resumed", kill=True)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]  # really killed, no cleanup
+    assert last("resumed")["global_step"] == saved_step
+    resumed = go("resumed", extra=["--ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return last("straight"), last("resumed")
 
 
 try:

@@ -1,0 +1,180 @@
+"""Feasible Learning (Ramirez et al., AISTATS 2025) as a Lightning callback: one Lagrange multiplier per training
+sample, updated on the batch's entries only (spec ``shared/specs/feasible_learning.md`` 1.3-1.4, 1.8).
+
+FL asks for a model whose loss on *every* training sample is at most ``epsilon``:
+``min_theta max_{lambda >= 0} sum_i lambda_i (loss_i - epsilon)``.  Each training step, as the official code runs it
+(Cooper's ``AlternatingDualPrimalOptimizer`` + ``IndexedMultiplier`` + ``nuPI`` = plain gradient ascent):
+
+1. dual step first, on the batch's samples only, with the losses of this step's forward pass:
+   ``lambda_i <- max(0, lambda_i + dual_lr * (loss_i - epsilon - lambda_i / alpha))``
+   (``resilient_alpha=None``: FL, no ``lambda/alpha`` term; a number: Resilient FL, the dual weight decay ``1/alpha``
+   that a slack of cost ``alpha/2 |u|^2`` gives);
+2. primal loss with the *updated* multipliers and the same forward: ``sum_i lambda_i * loss_i`` (``reduction="sum"``,
+   Cooper's Lagrangian, the default) or its batch mean (``"mean"``, the authors' DPO code).  No ERM term.
+
+The module opts in with ``lightning_modules.layers.sample_losses.PerSampleLoss``; the datamodule's items carry their
+index in the training set (``with_index=true``).  Under gradient accumulation the multipliers are updated per
+micro-batch (as the authors' DPO code).  Under DDP every rank gathers the step's ``(index, loss)`` pairs from all
+ranks and applies the identical update, so the replicas of lambda stay equal without a broadcast; with
+``reduction="sum"`` the local loss is multiplied by the world size so that DDP's gradient average equals the
+one-process gradient of the global batch.  A sample that occurs more than once in one (global) batch, as with
+``DistributedSampler`` padding, gets **one** update with the mean of its violations, as if it had been seen once.
+lambda is the callback's state: saved in every checkpoint and restored on resume.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import lightning as L
+import torch
+
+REDUCTIONS = ("sum", "mean")
+
+
+def dual_step_(lam: torch.Tensor, index: torch.Tensor, violation: torch.Tensor, dual_lr: float,
+               resilient_alpha: Optional[float] = None) -> torch.Tensor:
+    """In place on ``lam``: the projected gradient-ascent step of the samples in ``index`` (others untouched).
+
+    Repeated ids get one step with their mean violation.  Returns the unique ids that were updated.
+    """
+    ids, inverse = torch.unique(index, return_inverse=True)
+    total = torch.zeros(len(ids), dtype=lam.dtype, device=lam.device).index_add_(0, inverse, violation.to(lam.dtype))
+    violation = total / torch.bincount(inverse, minlength=len(ids)).to(lam.dtype)  # exact when ids are distinct
+    old = lam[ids]
+    ascent = violation if resilient_alpha is None else violation - old / resilient_alpha
+    lam[ids] = (old + dual_lr * ascent).clamp_min(0.0)
+    return ids
+
+
+class FeasibleLearning(L.Callback):
+    def __init__(
+        self,
+        epsilon: Optional[float] = None,
+        target_probability: Optional[float] = None,
+        dual_lr: float = 1e-4,
+        resilient_alpha: Optional[float] = None,
+        init: float = 0.0,
+        reduction: str = "sum",
+    ):
+        if (epsilon is None) == (target_probability is None):
+            raise ValueError("FeasibleLearning needs exactly one of epsilon (loss bound) and target_probability "
+                             f"(epsilon = log(1/p)); got epsilon={epsilon}, target_probability={target_probability}")
+        if target_probability is not None:
+            if not 0.0 < target_probability <= 1.0:
+                raise ValueError(f"FeasibleLearning target_probability must be in (0, 1], got {target_probability}")
+            epsilon = -math.log(target_probability)
+        if epsilon < 0:
+            raise ValueError(f"FeasibleLearning epsilon must be >= 0, got {epsilon}")
+        if dual_lr <= 0:
+            raise ValueError(f"FeasibleLearning dual_lr must be > 0, got {dual_lr}")
+        if resilient_alpha is not None and resilient_alpha <= 0:
+            raise ValueError(f"FeasibleLearning resilient_alpha must be > 0 (or null for FL), got {resilient_alpha}")
+        if init < 0:
+            raise ValueError(f"FeasibleLearning init must be >= 0 (multipliers are non-negative), got {init}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"FeasibleLearning reduction={reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+        self.epsilon, self.dual_lr, self.resilient_alpha = float(epsilon), dual_lr, resilient_alpha
+        self.init, self.reduction = init, reduction
+        self.lam: Optional[torch.Tensor] = None
+        self._trainer: Optional[L.Trainer] = None
+        self._module = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not hasattr(pl_module, "set_sample_loss_reducer"):
+            raise ValueError(f"FeasibleLearning needs per-sample losses, but {type(pl_module).__name__} returns a "
+                             "scalar loss; add the PerSampleLoss mixin (lightning_modules.layers.sample_losses) and "
+                             "return self.reduce_sample_losses(losses, index) from training_step")
+        dm = trainer.datamodule
+        n = getattr(dm, "num_train_samples", None)
+        if dm is None or not dict(getattr(dm, "hparams", {})).get("with_index", False) or n is None:
+            raise ValueError(f"FeasibleLearning needs training items that carry their sample index; "
+                             f"{type(dm).__name__} does not provide them (set data.init_args.with_index=true)")
+        if self.lam is None:
+            self.lam = torch.full((int(n),), float(self.init), dtype=torch.float32)
+        self._check_size(int(n))
+        self._trainer, self._module = trainer, pl_module
+        pl_module.set_sample_loss_reducer(self.primal_loss)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and hasattr(pl_module, "set_sample_loss_reducer"):
+            pl_module.set_sample_loss_reducer(None)
+
+    def _check_size(self, n: int) -> None:
+        if self.lam is not None and len(self.lam) != n:
+            raise ValueError(f"FeasibleLearning: the checkpoint holds multipliers for {len(self.lam)} samples but the "
+                             f"training set has {n}; resume with the same training data")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._calls_before = pl_module._sample_loss_calls
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module._sample_loss_calls == self._calls_before:
+            raise ValueError(f"FeasibleLearning: {type(pl_module).__name__}.training_step returned a loss without "
+                             "calling self.reduce_sample_losses(losses, index), so no multiplier was updated")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _gather(self, index: torch.Tensor, violation: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' ``(index, violation)`` of this step (ragged last batches padded with id -1, then dropped)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return index, violation
+        strategy = trainer.strategy
+        size = torch.tensor([len(index)], device=index.device)
+        longest = int(strategy.all_gather(size).max())
+        pad = longest - len(index)
+        index = torch.cat([index, index.new_full((pad,), -1)])
+        violation = torch.cat([violation, violation.new_zeros(pad)])
+        all_index, all_violation = strategy.all_gather(index).reshape(-1), strategy.all_gather(violation).reshape(-1)
+        keep = all_index >= 0
+        return all_index[keep], all_violation[keep]
+
+    @torch.no_grad()
+    def _dual_update(self, losses: torch.Tensor, index: torch.Tensor) -> None:
+        if self.lam.device != losses.device:
+            self.lam = self.lam.to(losses.device)
+        index = index.to(device=losses.device, dtype=torch.long)
+        if int(index.min()) < 0 or int(index.max()) >= len(self.lam):
+            raise ValueError(f"sample index out of range [0, {len(self.lam)}): got {int(index.min())}.."
+                             f"{int(index.max())}; indices must be positions in the training set")
+        all_index, violation = self._gather(index, losses.detach().float() - self.epsilon)
+        dual_step_(self.lam, all_index, violation, self.dual_lr, self.resilient_alpha)
+
+    def primal_loss(self, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The reducer installed on the module: dual step on the batch, then the Lagrangian's primal part."""
+        index = index.to(device=losses.device, dtype=torch.long)
+        self._dual_update(losses, index)
+        weighted = self.lam[index].to(losses.dtype) * losses
+        if self.reduction == "mean":
+            return weighted.mean()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return weighted.sum() * world
+
+    # ------------------------------------------------------------------------------------------------------------
+    def multiplier_stats(self) -> dict:
+        lam = self.lam.float()
+        return {"lambda_max": float(lam.max()), "lambda_mean": float(lam.mean()),
+                "lambda_median": float(lam.median()), "lambda_frac_zero": float((lam == 0).float().mean())}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for key, value in self.multiplier_stats().items():
+            pl_module.log(f"fl/{key}", value, rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"lam": None if self.lam is None else self.lam.detach().cpu().clone(), "epsilon": self.epsilon,
+                "dual_lr": self.dual_lr, "resilient_alpha": self.resilient_alpha, "init": self.init,
+                "reduction": self.reduction}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        lam = state_dict.get("lam")
+        if lam is None:
+            return
+        if self.lam is not None:
+            if len(lam) != len(self.lam):
+                raise ValueError(f"FeasibleLearning: the checkpoint holds multipliers for {len(lam)} samples but "
+                                 f"the training set has {len(self.lam)}; resume with the same training data")
+            lam = lam.to(self.lam.device)
+        self.lam = lam.to(torch.float32).clone()
