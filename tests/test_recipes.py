@@ -150,3 +150,24 @@ def test_bad_som_callback_config_is_one_line(init_args, needle, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-1:]
     assert "Not a valid subclass" not in err[-1] and len(err[-1]) < 200
+
+
+FL_BAD = [("callbacks.feasible_learning.FeasibleLearning", "{epsilon: -0.1}", [],
+           "FeasibleLearning epsilon must be >= 0, got -0.1"),
+          ("callbacks.feasible_learning.FeasibleLearning", "{epsilon: 0.5, dual_lr: 0}", [],
+           "FeasibleLearning dual_lr must be > 0, got 0"),
+          ("callbacks.feasible_learning.FeasibleLearning", "{epsilon: 0.5, resilient_alpha: -2}", [],
+           "FeasibleLearning resilient_alpha must be > 0 (or null for FL), got -2"),
+          ("callbacks.feasible_learning.FeasibleLearning", "{epsilon: 0.5}", ["--data.init_args.with_index=false"],
+           "FeasibleLearning needs training items that carry their sample index")]
+
+
+@pytest.mark.parametrize("cls, init_args, extra, needle", FL_BAD, ids=[b[3][17:45] for b in FL_BAD])
+def test_bad_feasible_learning_config_is_one_line(cls, init_args, extra, needle, tmp_path, capsys):
+    override = tmp_path / "fl.yaml"
+    override.write_text(f"trainer:\n  callbacks:\n    - class_path: {cls}\n      init_args: {init_args}\n")
+    code = main(["fit", "--config", "recipes/feasible_digits.yaml", "--config", str(override),
+                 *run_dir_args(tmp_path), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-1:]
+    assert "Not a valid subclass" not in err[-1] and len(err[-1]) < 250
