@@ -102,3 +102,27 @@ def test_fl_run_saves_metrics_losses_and_plots_and_compares_with_erm(tmp_path):
     assert len(losses) == 1347 and {"index", "loss", "correct", "lambda"} <= set(losses[0])
     assert not (next((erm / "logs").iterdir()) / "lambda_vs_loss.png").exists()  # ERM has no multipliers
 
+
+
+def test_regressor_fl_on_a_face_folder_updates_lambda_and_reports_mae_in_years(tmp_path):
+    import lightning as L
+
+    from callbacks.feasible_learning import FeasibleLearning
+    from lightning_modules.feasible_classifier import FeasibleRegressor
+
+    root = write_utkface(tmp_path / "faces", n=40)
+    dm = UTKFaceDataModule(str(root), image_size=16, batch_size=4, num_workers=0, young_keep=1.0, train_fraction=1.0)
+    fl = FeasibleLearning(epsilon=0.02, dual_lr=0.1)
+    report = SampleLossReport(label="FL")
+    trainer = L.Trainer(max_epochs=2, callbacks=[fl, report], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        num_sanity_val_steps=0)
+    model = FeasibleRegressor(backbone="linear", lr=1e-3)
+    trainer.fit(model, dm)
+    assert len(fl.lam) == 32 and int((fl.lam > 0).sum()) > 0
+    assert model.target_std == 18.77
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/mae"]) > 1.0  # in years, not standardised units
+    row = report.rows[-1]
+    assert "train_acc" not in row and row["train_max"] >= row["train_q99"] >= row["train_mean"] > 0
+    assert 0.0 <= row["lambda_frac_zero"] <= 1.0
