@@ -18,7 +18,9 @@ under ``bf16-mixed`` the weights, gradients and the update stay in float32 (test
 Targeted layers: every ``nn.Conv2d`` (``layers="all"``; the authors' script silently updated only the stem, bug
 B1) or the convs whose names start with one of the given prefixes.  Each needs a perfect-square channel count.
 Logged per layer: BMU, distinct BMUs so far, and the alignment cos(dW_SOM, -dL/dW) (the paper's Fig. 1c idea),
-kept as a running mean so the checkpointed state stays O(layers x channels) however long the run.
+kept as a running mean so the checkpointed state stays O(layers x channels) however long the run.  A step never waits
+for the host: BMUs stay on the device and reach the host-side record (``flush``) only at checkpoints, reports and every
+512 steps.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.layers.topographic import (BMU_MODES, SOMSchedule, activation_bmu, credit_bmu, random_bmu,
-                                                  sheet_side, som_update_)
+from lightning_modules.layers.topographic import (BMU_MODES, SOMSchedule, activation_bmu, credit_bmu, grid_coords,
+                                                  random_bmu, sheet_side, som_update_)
+
+FLUSH_EVERY = 512
 
 
 def _scaler_will_skip(trainer, optimizer) -> bool:
@@ -75,6 +79,10 @@ class SelfOrganizingMap(L.Callback):
         self.updates: Dict[str, int] = {}  # SOM updates applied per layer
         self.align_sum: Dict[str, float] = {}  # sum of cos(dW_SOM, -grad) over the updates that had a gradient
         self.align_n: Dict[str, int] = {}
+        self._coords: Dict[str, torch.Tensor] = {}  # sheet coordinates on the weight's device
+        self._seen: Dict[str, torch.Tensor] = {}  # device-side distinct-BMU mask (for per-step logging)
+        self._pending: Dict[str, List[torch.Tensor]] = {}  # device BMUs not yet in `distinct`
+        self._align_acc: Dict[str, torch.Tensor] = {}  # device sum of alignments not yet in `align_sum`
         self._credit: Dict[str, int] = {}
         self._act_sum: Dict[str, torch.Tensor] = {}
         self._act_n: Dict[str, int] = {}
@@ -111,6 +119,9 @@ class SelfOrganizingMap(L.Callback):
             for name, module in self.targets.items():
                 self._hooks.append(module.register_forward_hook(self._activation_hook(name)))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -136,20 +147,46 @@ class SelfOrganizingMap(L.Callback):
         if self.mode == "cb":
             for name, module in self.targets.items():
                 if module.weight.grad is not None:
-                    self._credit[name] = credit_bmu(module.weight.grad)
+                    self._credit[name] = credit_bmu(module.weight.grad, as_tensor=True)
         self._stepped = True
 
-    def _bmu(self, trainer: L.Trainer, name: str, channels: int) -> Optional[int]:
+    def _bmu(self, trainer: L.Trainer, name: str, channels: int) -> Optional[torch.Tensor]:
+        """This step's BMU of layer ``name`` as a 0-dim tensor on the layer's device (None: nothing to do)."""
         if self.mode == "cb":
             return self._credit.get(name)
         if self.mode == "random":
-            return random_bmu(channels, self.generator)
+            device = self.targets[name].weight.device
+            return torch.tensor(random_bmu(channels, self.generator), device=device)
         if name not in self._act_sum:
             return None
         mean = self._act_sum[name] / self._act_n[name]
         if trainer.world_size > 1:  # all ranks pick the BMU of the global batch
             mean = trainer.strategy.reduce(mean, reduce_op="mean")
-        return activation_bmu(mean)
+        return activation_bmu(mean, as_tensor=True)
+
+    def _device_state(self, name: str, weight: torch.Tensor):
+        coords = self._coords.get(name)
+        if coords is None or coords.device != weight.device:
+            dtype = torch.float32 if weight.device.type == "mps" else torch.float64  # h in float64, as on CPU
+            self._coords[name] = coords = grid_coords(weight.shape[0]).to(weight.device, dtype)
+            seen = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+            seen[sorted(self.distinct[name])] = True  # restored from a checkpoint, if any
+            self._seen[name] = seen
+        return coords, self._seen[name]
+
+    def flush(self) -> None:
+        """Move the device-side BMU and alignment records into ``distinct`` / ``align_sum`` (one host sync)."""
+        for name, pending in self._pending.items():
+            if pending:
+                self.distinct[name].update(torch.stack(pending).tolist())
+                pending.clear()
+        for name, acc in self._align_acc.items():
+            self.align_sum[name] += float(acc)
+        self._align_acc.clear()
+
+    def distinct_fraction(self, name: str) -> float:
+        self.flush()
+        return len(self.distinct[name]) / self.targets[name].out_channels
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._stepped:
@@ -163,17 +200,21 @@ class SelfOrganizingMap(L.Callback):
             bmu = self._bmu(trainer, name, module.out_channels)
             if bmu is None:
                 continue
-            delta = som_update_(module.weight.data, bmu, alpha, sigma)
-            self.distinct[name].add(bmu)
+            coords, seen = self._device_state(name, module.weight)
+            delta = som_update_(module.weight.data, bmu, alpha, sigma, coords)
             self.updates[name] += 1
+            seen[bmu] = True
+            pending = self._pending.setdefault(name, [])
+            pending.append(bmu)
             if module.weight.grad is not None:  # cos(dW_SOM, -grad): Fig. 1c-style misalignment
                 cos = torch.nn.functional.cosine_similarity(delta.flatten().float(),
                                                             -module.weight.grad.flatten().float(), dim=0)
-                self.align_sum[name] += float(cos)
+                self._align_acc[name] = self._align_acc[name] + cos if name in self._align_acc else cos
                 self.align_n[name] += 1
-            pl_module.log(f"som/{name}/bmu", float(bmu), on_step=True, on_epoch=False)
-            pl_module.log(f"som/{name}/distinct_bmu_frac", len(self.distinct[name]) / module.out_channels,
-                          on_step=True, on_epoch=False)
+            pl_module.log(f"som/{name}/bmu", bmu.float(), on_step=True, on_epoch=False)
+            pl_module.log(f"som/{name}/distinct_bmu_frac", seen.float().mean(), on_step=True, on_epoch=False)
+            if len(pending) >= FLUSH_EVERY:
+                self.flush()
         first = next(iter(self.schedules))
         pl_module.log("som/alpha", self.schedules[first].alpha(step, total), on_step=True, on_epoch=False)
         pl_module.log("som/sigma", self.schedules[first].sigma(step, total), on_step=True, on_epoch=False)
@@ -183,16 +224,19 @@ class SelfOrganizingMap(L.Callback):
 
     def mean_alignment(self, name: str) -> float:
         """Mean cos(dW_SOM, -dL/dW) of layer ``name`` over the run so far (nan before the first update)."""
+        self.flush()
         n = self.align_n.get(name, 0)
         return self.align_sum[name] / n if n else float("nan")
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.flush()
         return {"generator": self.generator.get_state(),
                 "distinct": {k: sorted(v) for k, v in self.distinct.items()},
                 "updates": dict(self.updates), "align_sum": dict(self.align_sum), "align_n": dict(self.align_n)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._pending, self._align_acc, self._coords, self._seen = {}, {}, {}, {}
         self.generator.set_state(state_dict["generator"])
         self.distinct = {k: set(v) for k, v in state_dict.get("distinct", {}).items()}
         for key in ("updates", "align_sum", "align_n"):

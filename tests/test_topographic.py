@@ -99,3 +99,15 @@ def test_update_pulls_neighbours_more_than_far_units():
     # each unit's distance to the BMU shrinks by exactly (1 - alpha h_i): more for near units
     torch.testing.assert_close(shrink[1:], 1 - 0.5 * torch.exp(-d[1:] ** 2 / 2.0))
     assert shrink[1] < shrink[15]
+
+
+@pytest.mark.parametrize("channels", [16, 529])
+def test_device_path_with_tensor_bmu_and_cached_coords_is_bitwise_the_reference(channels):
+    torch.manual_seed(0)
+    w = torch.randn(channels, 4, 3, 3)
+    ref, fast = w.clone(), w.clone()
+    d_ref = som_update_(ref, 7, 0.1, 3.7)
+    d_fast = som_update_(fast, torch.tensor(7), 0.1, 3.7, grid_coords(channels).double())
+    assert torch.equal(ref, fast) and torch.equal(d_ref, d_fast)
+    grad = torch.randn(channels, 4, 3, 3)
+    assert int(credit_bmu(grad, as_tensor=True)) == credit_bmu(grad)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -47,11 +47,13 @@ def grid_distances(channels: int) -> torch.Tensor:
     return torch.cdist(r, r)
 
 
-def neighbourhood(channels: int, bmu: int, sigma: float) -> torch.Tensor:
-    """Gaussian neighbourhood ``h_i = exp(-d(i, bmu)^2 / (2 sigma^2))``, shape ``(C,)`` float64."""
+def neighbourhood(channels: int, bmu: Union[int, torch.Tensor], sigma: float,
+                  coords: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gaussian neighbourhood ``h_i = exp(-d(i, bmu)^2 / (2 sigma^2))``, shape ``(C,)``, in ``coords``' dtype and
+    device (default: float64 on CPU).  ``bmu`` may be a 0-dim tensor on that device (no host sync)."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    r = grid_coords(channels).double()
+    r = grid_coords(channels).double() if coords is None else coords
     d2 = ((r - r[bmu]) ** 2).sum(1)
     return torch.exp(-d2 / (2.0 * sigma * sigma))
 
@@ -92,15 +94,18 @@ def unit_vectors(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def credit_bmu(weight_grad: torch.Tensor) -> int:
-    """CB-SOM: the output channel whose kernel gradient has the largest L2 norm."""
-    return int(unit_vectors(weight_grad).float().norm(dim=1).argmax())
+def credit_bmu(weight_grad: torch.Tensor, as_tensor: bool = False) -> Union[int, torch.Tensor]:
+    """CB-SOM: the output channel whose kernel gradient has the largest L2 norm (``as_tensor``: a 0-dim tensor on the
+    gradient's device, so a training step needs no host sync)."""
+    bmu = unit_vectors(weight_grad).float().norm(dim=1).argmax()
+    return bmu if as_tensor else int(bmu)
 
 
-def activation_bmu(batch_mean_output: torch.Tensor) -> int:
+def activation_bmu(batch_mean_output: torch.Tensor, as_tensor: bool = False) -> Union[int, torch.Tensor]:
     """AB-SOM: ``batch_mean_output`` is the batch mean of the signed conv output, ``(C, H, W)``; the channel with
     the largest Frobenius norm of its mean map wins (norm of the mean map, not the mean of per-sample norms)."""
-    return int(batch_mean_output.reshape(batch_mean_output.shape[0], -1).float().norm(dim=1).argmax())
+    bmu = batch_mean_output.reshape(batch_mean_output.shape[0], -1).float().norm(dim=1).argmax()
+    return bmu if as_tensor else int(bmu)
 
 
 def random_bmu(channels: int, generator: Optional[torch.Generator] = None) -> int:
@@ -108,14 +113,20 @@ def random_bmu(channels: int, generator: Optional[torch.Generator] = None) -> in
 
 
 @torch.no_grad()
-def som_update_(weight: torch.Tensor, bmu: int, alpha: float, sigma: float) -> torch.Tensor:
+def som_update_(weight: torch.Tensor, bmu: Union[int, torch.Tensor], alpha: float, sigma: float,
+                coords: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Apply ``w_i += alpha * h_i * (w_c - w_i)`` in place to ``weight`` (``(C, ...)``); returns the change ``dW``.
 
-    The BMU's own kernel does not move.  Computed in the weight's dtype (float32 or wider).
+    The BMU's own kernel does not move.  Computed in the weight's dtype (float32 or wider).  ``bmu`` may be a 0-dim
+    tensor and ``coords`` the cached ``grid_coords`` on the weight's device: then nothing waits for the host.
     """
     channels = weight.shape[0]
     w = unit_vectors(weight)
-    h = neighbourhood(channels, bmu, sigma).to(device=weight.device, dtype=w.dtype)
+    if coords is None:
+        h = neighbourhood(channels, bmu if isinstance(bmu, int) else bmu.cpu(), sigma)
+    else:
+        h = neighbourhood(channels, bmu, sigma, coords)
+    h = h.to(device=weight.device, dtype=w.dtype)
     delta = (alpha * h)[:, None] * (w[bmu][None, :] - w)
     delta[bmu] = 0.0
     delta = delta.view_as(weight)
