@@ -16,9 +16,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def run_dir(trainer: L.Trainer) -> str:
-    return trainer.log_dir or trainer.default_root_dir
+from callbacks.run_files import run_dir
 
 
 def smooth(y: np.ndarray, width: int) -> np.ndarray:

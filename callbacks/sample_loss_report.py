@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.run_files import run_dir, whole
+
 
 def tail_stats(losses: torch.Tensor, epsilon: Optional[float] = None) -> Dict[str, float]:
     """Mean, max, upper quantiles, CVaR (mean of the worst ceil(beta n)) and, given epsilon, violation stats."""
@@ -101,7 +103,7 @@ class SampleLossReport(L.Callback):
         fl = self._fl(trainer)
         eps = self._eps_used = fl.epsilon if fl is not None else self.epsilon
         train = per_sample_pass(pl_module, dm.train_eval_dataloader())
-        val = per_sample_pass(pl_module, dm.val_dataloader())
+        val = per_sample_pass(pl_module, whole(dm.val_dataloader()))
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({f"train_{k}": v for k, v in tail_stats(train["loss"], eps).items()})
         row.update({f"val_{k}": v for k, v in tail_stats(val["loss"], eps).items()})
@@ -123,11 +125,11 @@ class SampleLossReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows or trainer.fast_dev_run:
             return
-        out = trainer.log_dir or trainer.default_root_dir
+        out = run_dir(trainer)
         os.makedirs(out, exist_ok=True)
         self.write(out, trainer.default_root_dir)
 
-    def write(self, out: str, run_dir: Optional[str] = None) -> None:
+    def write(self, out: str, root_dir: Optional[str] = None) -> None:
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(os.path.join(out, "sample_metrics.csv"), "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
@@ -136,8 +138,8 @@ class SampleLossReport(L.Callback):
         final = self.final
         cols = [c for c in ("index", "loss", "correct", "lambda") if c in final]
         paths = [os.path.join(out, "train_losses.csv")]
-        if run_dir and os.path.abspath(run_dir) != os.path.abspath(out):
-            paths.append(os.path.join(run_dir, "train_losses.csv"))  # a stable place for compare_to
+        if root_dir and os.path.abspath(root_dir) != os.path.abspath(out):
+            paths.append(os.path.join(root_dir, "train_losses.csv"))  # a stable place for compare_to
         for path in paths:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", newline="") as fh:

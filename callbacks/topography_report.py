@@ -20,6 +20,8 @@ from typing import Dict, List
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.run_files import run_dir, whole
 from torch import nn
 
 from lightning_modules.layers.topographic import sheet_side
@@ -67,7 +69,7 @@ class TopographyReport(L.Callback):
 
     def _probe(self, trainer: L.Trainer, device):
         xs, ys, n = [], [], 0
-        for x, y in trainer.datamodule.val_dataloader():
+        for x, y in whole(trainer.datamodule.val_dataloader()):
             xs.append(x), ys.append(y)
             n += len(y)
             if n >= self.max_images:
@@ -112,7 +114,7 @@ class TopographyReport(L.Callback):
         first = next(iter(convs))
         orientation = self._orientation(pl_module, convs[first], images, gen)
         self.rows = rows
-        out = trainer.log_dir or trainer.default_root_dir
+        out = run_dir(trainer)
         os.makedirs(out, exist_ok=True)
         self._write(out, rows, curves, last_dprime, first, orientation)
 

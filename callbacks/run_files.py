@@ -1,0 +1,25 @@
+"""Where a run's reports go, and what they read, without collectives: report callbacks run on rank 0 only, so they
+must not call anything that waits for the other ranks (``Trainer.log_dir`` broadcasts; a DDP datamodule's
+evaluation loader holds only this rank's shard)."""
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+
+def run_dir(trainer: L.Trainer) -> str:
+    """``trainer.log_dir`` computed locally (the same rule, no broadcast): the first logger's version folder for
+    CSV / TensorBoard loggers, its ``save_dir`` for others, else ``default_root_dir``."""
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        path = logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir
+        if path:
+            return path
+    return trainer.default_root_dir
+
+
+def whole(loader: DataLoader) -> DataLoader:
+    """The same dataset and batch size in order, every sample once (not this rank's shard)."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 256, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn)
