@@ -60,21 +60,42 @@ class ShuffleResumableSampler(DistributedSampler):
     """A fresh permutation of a finite dataset every epoch, drawn from ``(seed, epoch)`` only (as
     ``DistributedSampler``), split across ranks, minus the ``skip`` local samples a resumed epoch already used.
 
-    With one rank every sample is used each epoch; with several, ``drop_last=False`` pads by repeating the first
-    samples of the permutation (``DistributedSampler``'s rule) so every rank gets the same count.
+    Rank ``r`` takes the ``r``-th contiguous slice of every global batch of ``batch_size * world`` samples (the last,
+    shorter global batch is cut into equal slices too).  So a DDP step sees the same samples as one process with
+    the global batch, and each rank's local batch is exactly one micro-batch of one process that accumulates
+    ``world`` micro-batches: BatchNorm groups the same samples either way.  With ``drop_last=False`` the permutation
+    is padded by repeating its first samples (``DistributedSampler``'s rule) so every rank gets the same count.
     """
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 skip: int = 0, start_epoch: int = 0, drop_last: bool = False):
+                 skip: int = 0, start_epoch: int = 0, drop_last: bool = False, batch_size: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.skip, self.first_epoch = skip, start_epoch
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.skip, self.first_epoch, self.batch_size = skip, start_epoch, batch_size
         self.set_epoch(start_epoch)
 
+    def _permutation(self) -> list:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        if self.drop_last:
+            return indices[: self.total_size]
+        pad = self.total_size - len(indices)
+        return indices + (indices * (pad // len(indices) + 1))[:pad]
+
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices, world, step = self._permutation(), self.num_replicas, self.batch_size * self.num_replicas
+        local = []
+        for start in range(0, self.total_size, step):
+            block = indices[start:start + step]
+            share = len(block) // world
+            local.extend(block[self.rank * share:(self.rank + 1) * share])
         skip = self.skip if self.epoch == self.first_epoch else 0
-        return iter(indices[skip:])
+        return iter(local[skip:])
 
 
 def shuffled_resumable(dataset, batch_size: int, trainer, seed: Optional[int], drop_last: bool,
@@ -88,7 +109,7 @@ def shuffled_resumable(dataset, batch_size: int, trainer, seed: Optional[int], d
     batches = local // batch_size if drop_last else -(-local // batch_size)
     epoch, consumed = resume_position(trainer, max(1, batches))
     return ShuffleResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed, skip=consumed * batch_size,
-                                   start_epoch=epoch, drop_last=drop_last)
+                                   start_epoch=epoch, drop_last=drop_last, batch_size=batch_size)
 
 
 def eval_sampler(dataset, trainer) -> Optional[DistributedSampler]:

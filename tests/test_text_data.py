@@ -138,3 +138,11 @@ def test_sequence_longer_than_data(tmp_path):
 def test_bad_sizes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TextDataModule(**kwargs)
+
+
+def test_ddp_ranks_take_contiguous_slices_of_each_global_batch():
+    ds = list(range(10))
+    one = list(ShuffleResumableSampler(ds, seed=3, batch_size=4))
+    r0, r1 = (list(ShuffleResumableSampler(ds, 2, r, seed=3, batch_size=2)) for r in (0, 1))
+    assert r0[:2] + r1[:2] == one[:4] and r0[2:4] + r1[2:4] == one[4:8]  # = micro-batches of one process
+    assert sorted(r0 + r1) == ds
