@@ -32,10 +32,9 @@ KEYS = ["train_max", "train_q99", "train_cvar05", "train_frac_violated", "train_
 
 def run(mode: str, seed: int, out: Path, extra) -> dict:
     run_dir = out / f"{mode}_seed{seed}"
-    compare = [f"--trainer.callbacks.compare_to=[{out / f'erm_seed{seed}'}]"] if mode != "erm" else []
     cmd = [sys.executable, "-m", "recipes", "fit", "--config", MODES[mode], f"--seed_everything={seed}",
            f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
-           "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false", *compare, *extra]
+           "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false", *extra]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -128,7 +127,7 @@ def compare(seeds, out: Path, modes=tuple(MODES), extra=()):
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in seeds:
-        for mode in modes:  # ERM first: FL and RFL draw their CDF against it
+        for mode in modes:
             r = run(mode, seed, out, list(extra))
             results.append(r)
             print(f"{mode:4s} seed {seed}: train max {r['train_max']:.3f}, CVaR5% {r['train_cvar05']:.3f}, "

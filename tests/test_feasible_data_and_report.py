@@ -87,8 +87,13 @@ def test_fl_run_saves_metrics_losses_and_plots_and_compares_with_erm(tmp_path):
     erm = tmp_path / "erm"
     assert main(["fit", "--config", "recipes/erm_digits.yaml", *common, *run_dir_args(erm)]) == 0
     fl = tmp_path / "fl"
-    assert main(["fit", "--config", "recipes/feasible_digits.yaml", *common, *run_dir_args(fl),
-                 f"--trainer.callbacks.compare_to=[{erm}]"]) == 0
+    override = tmp_path / "compare.yaml"
+    override.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.sample_loss_report.SampleLossReport\n"
+                        f"      init_args: {{compare_to: [{erm}], label: FL}}\n"
+                        "    - class_path: callbacks.feasible_learning.FeasibleLearning\n"
+                        "      init_args: {target_probability: 0.6, dual_lr: 0.1}\n")
+    assert main(["fit", "--config", "recipes/feasible_digits.yaml", "--config", str(override), *common,
+                 *run_dir_args(fl)]) == 0
     (log_dir,) = (fl / "logs").iterdir()
     for name in ("sample_metrics.csv", "train_losses.csv", "loss_histogram.png", "lambda_vs_loss.png", "loss_cdf.png"):
         assert (log_dir / name).stat().st_size > 0, name
