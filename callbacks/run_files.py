@@ -9,13 +9,13 @@ from torch.utils.data import DataLoader
 
 
 def run_dir(trainer: L.Trainer) -> str:
-    """``trainer.log_dir`` computed locally (the same rule, no broadcast): the first logger's version folder for
-    CSV / TensorBoard loggers, its ``save_dir`` for others, else ``default_root_dir``."""
+    """The folder for a run's config, plots and CSVs, computed locally (``trainer.log_dir`` broadcasts): the first
+    logger's version folder for CSV / TensorBoard loggers, else ``default_root_dir`` (a W&B logger's ``save_dir`` is
+    shared by all runs; its own copy of the plots goes to W&B)."""
     if trainer.loggers:
         logger = trainer.loggers[0]
-        path = logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir
-        if path:
-            return path
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger.log_dir:
+            return logger.log_dir
     return trainer.default_root_dir
 
 

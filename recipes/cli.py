@@ -21,9 +21,12 @@ import lightning as L
 import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.guards import FiniteLossGuard, NonFiniteLossError, RecipeCheckpoint
+from callbacks.run_files import run_dir
+from callbacks.wandb_media import LogPlotsToWandb
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ArgumentError,
                MisconfigurationException, NonFiniteLossError)
@@ -31,6 +34,29 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Key
 
 def _checkpoint_dir(root: Optional[str]) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
+
+
+class RecipeSaveConfig(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run's log folder (rank 0, no collective, overwriting: a
+    second run in the same folder never fails) and logs it whole to W&B when a ``WandbLogger`` is in use."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        out = run_dir(trainer)
+        os.makedirs(out, exist_ok=True)
+        self.parser.save(self.config, os.path.join(out, self.config_filename), skip_none=False, overwrite=True,
+                         multifile=self.multifile)
+        self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import yaml
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                logger.experiment.config.update({"recipe": config}, allow_val_change=True)
 
 
 class RecipeCLI(LightningCLI):
@@ -44,10 +70,65 @@ class RecipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        accel = str(cfg.trainer.get("accelerator") or "auto")
+        on_gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
         if cfg.trainer.get("precision") is None:
-            accel = str(cfg.trainer.get("accelerator") or "auto")
-            on_gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
             cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+        check_scale(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes") or 1, on_gpu)
+        _per_run_dir(cfg)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
+            self.trainer.callbacks.append(LogPlotsToWandb())
+
+    def _finish_wandb(self) -> None:
+        """Close the W&B run when the subcommand ends, so a second run in the same process starts its own."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger._experiment.finish()
+                logger._experiment = None
+
+    after_fit = after_validate = after_test = after_predict = _finish_wandb
+
+
+def _per_run_dir(cfg) -> None:
+    """Under a sweep (``RECIPES_RUN_ID``, or the W&B agent's ``WANDB_RUN_ID`` with ``WANDB_SWEEP_ID``), each run gets
+    ``<default_root_dir>/<run id>`` (checkpoints, logs and reports), so runs of one recipe never share a folder."""
+    run_id = os.environ.get("RECIPES_RUN_ID") or (os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID")
+                                                  else None)
+    if not run_id:
+        return
+    root = cfg.trainer.get("default_root_dir") or os.getcwd()
+    new = os.path.join(root, run_id)
+    cfg.trainer.default_root_dir = new
+    cfg.checkpoint.dirpath = _checkpoint_dir(new)
+    loggers = cfg.trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = getattr(logger, "init_args", None)
+        if init is not None and init.get("save_dir") in (root, root.rstrip("/")):
+            init.save_dir = new
+
+
+def check_scale(devices, num_nodes: int, on_gpu: bool) -> None:
+    """Device and node counts that cannot run here fail before any process starts, in one line."""
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        n = int(devices)
+        have = torch.cuda.device_count() if on_gpu else (os.cpu_count() or 1)
+        if n > have:
+            kind = "GPUs" if on_gpu else "CPU cores (one process each)"
+            raise ValueError(f"trainer.devices={n} but this machine has {have} {kind}")
+        per_node = n
+    else:
+        per_node = None
+    nodes = os.environ.get("SLURM_NNODES") if os.environ.get("SLURM_JOB_ID") else None
+    if nodes is not None and int(nodes) != num_nodes:
+        raise ValueError(f"trainer.num_nodes={num_nodes} but the SLURM allocation has {nodes} nodes (SLURM_NNODES); "
+                         "set --trainer.num_nodes to match #SBATCH --nodes")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] if nodes is not None else ""
+    if tasks.isdigit() and per_node is not None and int(tasks) != per_node:
+        raise ValueError(f"trainer.devices={per_node} but SLURM runs {tasks} tasks per node (SLURM_NTASKS_PER_NODE); "
+                         "set --trainer.devices to match #SBATCH --ntasks-per-node")
 
 
 def _one_line(err: BaseException) -> str:
@@ -75,7 +156,7 @@ def main(args: Optional[List[str]] = None) -> int:
         RecipeCLI(
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RecipeSaveConfig, save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             args=args,
         )

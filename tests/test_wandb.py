@@ -1,0 +1,36 @@
+"""W&B behind one switch (recipes/loggers/wandb.yaml): offline with no credentials, the full resolved config and the
+recipe's plots logged, and a second run in the same folder works (the LightningCLI + W&B config.yaml pitfall)."""
+import os
+
+from recipes.cli import main
+from recipes.loggers import RecipeWandbLogger
+
+
+def test_offline_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert RecipeWandbLogger(save_dir=str(tmp_path / "w"))._offline
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not RecipeWandbLogger(save_dir=str(tmp_path / "w"))._offline
+
+
+def test_wandb_preset_logs_config_and_plots_and_reruns_in_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    args = ["fit", "--config", "recipes/feasible_digits.yaml", "--config", "recipes/loggers/wandb.yaml",
+            "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}"]
+    assert main(args) == 0
+    assert main(args) == 0  # the same folder again: config.yaml exists and is overwritten, no failure
+    runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    stream = next(runs[-1].glob("run-*.wandb")).read_bytes()
+    assert b"callbacks.feasible_learning.FeasibleLearning" in stream  # the resolved recipe config
+    images = {p.name.rsplit("_", 2)[0] for p in (runs[-1] / "files" / "media" / "images" / "plots").glob("*.png")}
+    assert {"loss_histogram", "lambda_vs_loss"} <= images
+    assert (run / "config.yaml").is_file() and (run / "loss_histogram.png").is_file()
+    assert "target_probability: 0.6" in (run / "config.yaml").read_text()
