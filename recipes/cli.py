@@ -23,6 +23,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.guards import FiniteLossGuard, NonFiniteLossError, RecipeCheckpoint
 from callbacks.run_files import run_dir
@@ -160,6 +161,10 @@ def main(args: Optional[List[str]] = None) -> int:
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             args=args,
         )
+    except SIGTERMException:
+        print("stopped by a preemption signal (SIGTERM/SIGUSR1) after saving a checkpoint; resume with "
+              "--ckpt_path last", file=sys.stderr)
+        return 143
     except USER_ERRORS as err:
         if debug:
             raise

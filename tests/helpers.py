@@ -131,5 +131,18 @@ try:
         def on_train_batch_end(self, trainer, *args, **kwargs):
             if trainer.global_step >= self.step:
                 os.kill(os.getpid(), 9)
+
+    class SignalAtStep(L.Callback):
+        """Test helper: send ``signal`` (a name, e.g. SIGTERM) to this process once, at ``step`` (a preemption)."""
+
+        def __init__(self, step: int, signal: str = "SIGTERM"):
+            self.step, self.signal, self.sent = step, signal, False
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            import signal as sig
+
+            if trainer.global_step >= self.step and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), getattr(sig, self.signal))
 except ImportError:  # pragma: no cover
     pass
