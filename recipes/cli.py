@@ -170,4 +170,15 @@ def main(args: Optional[List[str]] = None) -> int:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: launched by torchrun, Lightning leaves the process
+    group open, and gloo's threads can then abort a finished rank at exit ("terminate called ...")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

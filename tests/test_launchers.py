@@ -1,0 +1,45 @@
+"""Launchers and scale checks: scripts/torchrun.sh runs a real 2-process DDP fit on this machine; device / node
+counts that cannot work stop before any training in one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, run_cli, run_dir_args
+
+
+def test_torchrun_launcher_two_cpu_processes_equal_one_process(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "torchrun"
+    proc = subprocess.run([str(ROOT / "scripts" / "torchrun.sh"), "2", "recipes/feasible_digits.yaml",
+                           "--trainer.max_steps=8", "--trainer.accelerator=cpu", "--data.init_args.batch_size=32",
+                           "--trainer.enable_progress_bar=false", *run_dir_args(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    one = run_cli(["fit", "--config", "recipes/feasible_digits.yaml", "--trainer.max_steps=8",
+                   "--data.init_args.batch_size=64", "--trainer.enable_progress_bar=false",
+                   *run_dir_args(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False) for d in (out, tmp_path / "one"))
+    assert a["global_step"] == b["global_step"] == 8
+    lam = [next(v for k, v in c["callbacks"].items() if k.startswith("FeasibleLearning"))["lam"] for c in (a, b)]
+    torch.testing.assert_close(lam[0], lam[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, env, needle", [
+    (["--trainer.devices=64", "--trainer.accelerator=cpu"], {}, "trainer.devices=64 but this machine has"),
+    (["--trainer.num_nodes=1"], {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2"},
+     "trainer.num_nodes=1 but the SLURM allocation has 2 nodes"),
+    (["--trainer.devices=1", "--trainer.num_nodes=2"],
+     {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2(x2)"},
+     "trainer.devices=1 but SLURM runs 2 tasks per node"),
+])
+def test_impossible_scale_is_a_one_line_error_before_training(tmp_path, extra, env, needle):
+    proc = run_cli(["fit", "--config", "recipes/feasible_digits.yaml", *extra, *run_dir_args(tmp_path)], env=env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
+    assert not (tmp_path / "checkpoints").exists()
