@@ -58,10 +58,31 @@ def write_utkface(root, n=24, size=(20, 20)):
     return root
 
 
+def write_token_dir(root, vocab=50257, n_train=40_000, n_val=8_000):
+    """A nanoGPT-style token folder (train.bin / val.bin, uint16) of random GPT-2-range ids."""
+    import numpy as np
+
+    root = Path(root)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", n_train), ("val.bin", n_val)):
+        rng.integers(0, vocab, n).astype(np.uint16).tofile(root / name)
+    return root
+
+
+SHRINK_LARGE_FOX = ["--model.init_args.d_model=64", "--model.init_args.n_layers=2", "--model.init_args.n_heads=1",
+                    "--data.init_args.seq_len=64", "--data.init_args.val_windows=2", "--data.init_args.num_workers=0",
+                    "--trainer.accumulate_grad_batches=2"]
+
+
 def recipe_data_args(recipe, tmp_path):
     """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
     is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
     text = Path(recipe).read_text()
+    if "recipes.strategies.BlockFSDP" in text:  # GPU-only FSDP recipe: same model/precision/data, shrunk, CPU
+        write_token_dir(tmp_path / "tokens")
+        return [f"--data.init_args.path={tmp_path / 'tokens'}", *SHRINK_LARGE_FOX, "--trainer.accelerator=cpu",
+                "--trainer.devices=1", "--trainer.strategy=auto"]
     if "datamodules.text.TextDataModule" in text:
         return list(SMALL_DATA)
     if "datamodules.images.CIFARDataModule" in text:
