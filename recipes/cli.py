@@ -147,6 +147,7 @@ def _one_line(err: BaseException) -> str:
         text = f"{where}: {text}" if where else text
     text = re.sub(r" - Not a valid subclass of .*$", "", text)  # jsonargparse's list of accepted forms
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("Expected a ", "expected ")
+    text = re.sub(r"( - expected [\w.\[\], ]+)+$", "", text)  # the other members of a Union it tried
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 

@@ -34,3 +34,17 @@ def test_wandb_preset_logs_config_and_plots_and_reruns_in_the_same_folder(tmp_pa
     assert {"loss_histogram", "lambda_vs_loss"} <= images
     assert (run / "config.yaml").is_file() and (run / "loss_histogram.png").is_file()
     assert "target_probability: 0.6" in (run / "config.yaml").read_text()
+
+
+def test_checkpoint_artifacts_offline_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """log_model uploads checkpoints (Lightning's option); offline there is nothing to upload to, which Lightning
+    refuses: the user gets that reason in one line."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code = main(["fit", "--config", "recipes/erm_digits.yaml", "--config", "recipes/loggers/wandb.yaml",
+                 "--trainer.logger.init_args.log_model=true", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "log_model=True and offline=True" in err[-1]
+    assert err[-1].endswith("to log your model.")
