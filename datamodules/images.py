@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.indexed import IndexedDataset
+from datamodules.indexed import IndexedTrainLoaders
 from datamodules.sampling import eval_sampler, shuffled_resumable
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(IndexedTrainLoaders, L.LightningDataModule):
     num_classes = 10
     in_channels = 1
 
@@ -60,25 +60,8 @@ class DigitsDataModule(L.LightningDataModule):
         if hp.standardize:  # per pixel, with the training split's statistics (spec feasible_learning.md 4.1)
             mean, std = x_tr.mean(0, keepdims=True), x_tr.std(0, keepdims=True) + 1e-3
             x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-        self.train_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
+        self.train_set = self.train_eval_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
         self.test_set = TensorDataset(torch.from_numpy(x_te), torch.from_numpy(y_te))
-
-    @property
-    def num_train_samples(self) -> int:
-        self.setup()
-        return len(self.train_set)
-
-    def _train(self):
-        return IndexedDataset(self.train_set) if self.hparams.with_index else self.train_set
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        data = self._train()
-        sampler = shuffled_resumable(data, hp.batch_size, self.trainer, hp.seed, drop_last=False)
-        return DataLoader(data, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers)
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return DataLoader(self._train(), batch_size=512, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),
@@ -118,11 +101,12 @@ class _ArrayImages(torch.utils.data.Dataset):
         return self.transform(torch.from_numpy(self.images[i])), int(self.labels[i])
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(IndexedTrainLoaders, L.LightningDataModule):
     """CIFAR-10 / CIFAR-100 from the standard python-pickle folder (``path`` holds ``cifar-10-batches-py`` or
     ``cifar-100-python``; nothing is downloaded).  Train: random crop 32 with padding 4 + horizontal flip."""
 
     in_channels = 3
+    train_drop_last = True
 
     def __init__(self, path: str, variant: str = "cifar10", batch_size: int = 128, augment: bool = True,
                  num_workers: int = 0, seed: Optional[int] = None, with_index: bool = False):
@@ -158,23 +142,6 @@ class CIFARDataModule(L.LightningDataModule):
         self.train_eval_set = _ArrayImages(x_tr, y_tr, T.Compose(norm))
         self.test_set = _ArrayImages(x_te, y_te, T.Compose(norm))
 
-    @property
-    def num_train_samples(self) -> int:
-        self.setup()
-        return len(self.train_set)
-
-    def _indexed(self, data):
-        return IndexedDataset(data) if self.hparams.with_index else data
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        data = self._indexed(self.train_set)
-        sampler = shuffled_resumable(data, hp.batch_size, self.trainer, hp.seed, drop_last=True)
-        return DataLoader(data, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          drop_last=True, persistent_workers=hp.num_workers > 0)
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return DataLoader(self._indexed(self.train_eval_set), batch_size=512, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, sampler=eval_sampler(self.test_set, self.trainer),

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.indexed import IndexedDataset
-from datamodules.sampling import eval_sampler, shuffled_resumable
+from datamodules.indexed import IndexedTrainLoaders
+from datamodules.sampling import eval_sampler
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,9 +61,10 @@ class _AgeImages(Dataset):
         return image, torch.tensor(self.targets[i])
 
 
-class UTKFaceDataModule(L.LightningDataModule):
+class UTKFaceDataModule(IndexedTrainLoaders, L.LightningDataModule):
     in_channels = 3
     num_outputs = 1
+    eval_batch_size = None  # 200x200 faces: the training batch size
 
     def __init__(self, path: str, image_size: int = 200, batch_size: int = 128, test_fraction: float = 0.2,
                  train_fraction: float = 0.25, young_keep: float = 0.3, target_mean: Optional[float] = 35.43,
@@ -110,25 +111,6 @@ class UTKFaceDataModule(L.LightningDataModule):
 
         self.train_set, self.test_set = make(train), make(test)
         self.train_eval_set = self.train_set  # no augmentation in this recipe
-
-    @property
-    def num_train_samples(self) -> int:
-        self.setup()
-        return len(self.train_set)
-
-    def _indexed(self, data):
-        return IndexedDataset(data) if self.hparams.with_index else data
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        data = self._indexed(self.train_set)
-        sampler = shuffled_resumable(data, hp.batch_size, self.trainer, hp.seed, drop_last=False)
-        return DataLoader(data, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return DataLoader(self._indexed(self.train_eval_set), batch_size=self.hparams.batch_size,
-                          num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=self.hparams.batch_size,

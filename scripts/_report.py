@@ -1,15 +1,43 @@
 """Helpers shared by the benchmark scripts: interleaved timing and writing a section of docs/performance.md."""
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "performance.md"
+
+
+def fit_run(configs: List[str], run_dir: Path, extra: List[str]) -> Tuple[Path, float]:
+    """``python -m recipes fit`` with ``configs`` (merged in order) into ``run_dir`` (logs in ``logs/version_0``, no
+    progress bar); returns the log folder and the wall time.  A failed run raises with its stderr tail."""
+    cmd = [sys.executable, "-m", "recipes", "fit", *(a for c in configs for a in ("--config", str(c))),
+           f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+           "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false", *extra]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return run_dir / "logs" / "version_0", time.time() - start
+
+
+def seeds_main(doc: str, script: str, compare, write, default_seeds=(0, 1, 2, 3)) -> None:
+    """The command line shared by the multi-seed comparison scripts: ``--seeds``, ``--out``; prints the table."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(default_seeds))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / script)
+    args = ap.parse_args()
+    results = compare(args.seeds, args.out)
+    print(write(results, args.out, f"python scripts/{script}.py --seeds " + " ".join(map(str, args.seeds))))
 
 
 def sync(device: str) -> None:

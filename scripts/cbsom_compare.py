@@ -13,16 +13,15 @@ Reads each run's ``topography.csv`` and final ``val/acc`` (the 450 held-out digi
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._report import fit_run, seeds_main  # noqa: E402
 MODES = ("none", "cb", "ab", "random")
 OVERRIDE = """trainer:
   callbacks:
@@ -38,18 +37,10 @@ def run(mode: str, seed: int, out: Path, extra) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     override = run_dir / "som.yaml"
     override.write_text(OVERRIDE.format(mode=mode, seed=seed))
-    cmd = [sys.executable, "-m", "recipes", "fit", "--config", "recipes/cbsom_digits.yaml", "--config", str(override),
-           f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}",
-           f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.logger.init_args.version=0",
-           "--trainer.enable_progress_bar=false", *extra]
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    logs = run_dir / "logs" / "version_0"
+    logs, seconds = fit_run(["recipes/cbsom_digits.yaml", override], run_dir, [f"--seed_everything={seed}", *extra])
     accs = [float(r["val/acc"]) for r in csv.DictReader(open(logs / "metrics.csv")) if r.get("val/acc")]
     layers = list(csv.DictReader(open(logs / "topography.csv")))
-    return {"mode": mode, "seed": seed, "acc": accs[-1], "layers": layers, "seconds": time.time() - start}
+    return {"mode": mode, "seed": seed, "acc": accs[-1], "layers": layers, "seconds": seconds}
 
 
 def per_layer_mean(results, mode, key):
@@ -125,12 +116,7 @@ def compare(seeds, out: Path, modes=MODES, extra=()):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "cbsom_compare")
-    args = ap.parse_args()
-    results = compare(args.seeds, args.out)
-    print(write(results, args.out, "python scripts/cbsom_compare.py --seeds " + " ".join(map(str, args.seeds))))
+    seeds_main(__doc__, "cbsom_compare", compare, write)
 
 
 if __name__ == "__main__":

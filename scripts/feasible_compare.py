@@ -15,16 +15,15 @@ of issue #5 (spec 4.4), paired by seed:
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._report import fit_run, seeds_main  # noqa: E402
 MODES = {"erm": "recipes/erm_digits.yaml", "fl": "recipes/feasible_digits.yaml", "rfl": "recipes/rfl_digits.yaml"}
 KEYS = ["train_max", "train_q99", "train_cvar05", "train_frac_violated", "train_mean", "train_acc", "val_acc",
         "val_mean", "val_cvar05", "lambda_max", "lambda_mean", "lambda_frac_zero", "lambda_loss_spearman"]
@@ -32,16 +31,9 @@ KEYS = ["train_max", "train_q99", "train_cvar05", "train_frac_violated", "train_
 
 def run(mode: str, seed: int, out: Path, extra) -> dict:
     run_dir = out / f"{mode}_seed{seed}"
-    cmd = [sys.executable, "-m", "recipes", "fit", "--config", MODES[mode], f"--seed_everything={seed}",
-           f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
-           "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false", *extra]
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    logs = run_dir / "logs" / "version_0"
+    logs, seconds = fit_run([MODES[mode]], run_dir, [f"--seed_everything={seed}", *extra])
     last = list(csv.DictReader(open(logs / "sample_metrics.csv")))[-1]
-    row = {"mode": mode, "seed": seed, "seconds": time.time() - start, "dir": str(logs)}
+    row = {"mode": mode, "seed": seed, "seconds": seconds, "dir": str(logs)}
     row.update({k: float(last[k]) for k in KEYS if last.get(k) not in (None, "")})
     return row
 
@@ -136,12 +128,7 @@ def compare(seeds, out: Path, modes=tuple(MODES), extra=()):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "feasible_compare")
-    args = ap.parse_args()
-    results = compare(args.seeds, args.out)
-    print(write(results, args.out, "python scripts/feasible_compare.py --seeds " + " ".join(map(str, args.seeds))))
+    seeds_main(__doc__, "feasible_compare", compare, write)
 
 
 if __name__ == "__main__":

@@ -11,31 +11,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._report import fit_run  # noqa: E402
 VARIANTS = {"FoX": "fox_lm", "Transformer-RoPE": "transformer_rope_lm"}
 
 
 def run_variant(recipe: str, seed: int, out: Path, steps: int, extra: list) -> dict:
-    run = out / f"{recipe}_seed{seed}"
-    cmd = [sys.executable, "-m", "recipes", "fit", "--config", f"recipes/{recipe}.yaml", f"--seed_everything={seed}",
-           f"--data.init_args.seed={1234 + seed}", f"--trainer.max_steps={steps}",
-           f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-           "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false", *extra]
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    logs = run / "logs" / "version_0"
+    logs, seconds = fit_run([f"recipes/{recipe}.yaml"], out / f"{recipe}_seed{seed}",
+                            [f"--seed_everything={seed}", f"--data.init_args.seed={1234 + seed}",
+                             f"--trainer.max_steps={steps}", *extra])
     curve = np.loadtxt(logs / "position_loss.csv", delimiter=",", skiprows=1)[:, 1]
-    result = {"curve": curve, "seconds": time.time() - start, "run_dir": str(logs)}
+    result = {"curve": curve, "seconds": seconds, "run_dir": str(logs)}
     gates = logs / "gate_stats.csv"
     if gates.exists():
         rows = list(csv.DictReader(open(gates)))
