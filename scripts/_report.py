@@ -30,6 +30,18 @@ def fit_run(configs: List[str], run_dir: Path, extra: List[str]) -> Tuple[Path, 
     return run_dir / "logs" / "version_0", time.time() - start
 
 
+def run_grid(seeds, modes, out: Path, run: Callable, describe: Callable) -> list:
+    """``run(mode, seed)`` for every seed and mode (modes inner, in order), printing ``describe(result)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        for mode in modes:
+            result = run(mode, seed)
+            results.append(result)
+            print(f"{mode:7s} seed {seed}: {describe(result)} ({result['seconds']:.0f} s)", flush=True)
+    return results
+
+
 def seeds_main(doc: str, script: str, compare, write, default_seeds=(0, 1, 2, 3)) -> None:
     """The command line shared by the multi-seed comparison scripts: ``--seeds``, ``--out``; prints the table."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import fit_run, seeds_main  # noqa: E402
+from scripts._report import fit_run, run_grid, seeds_main  # noqa: E402
 MODES = ("none", "cb", "ab", "random")
 OVERRIDE = """trainer:
   callbacks:
@@ -105,14 +105,8 @@ def write(results, out: Path, cmd: str) -> str:
 
 
 def compare(seeds, out: Path, modes=MODES, extra=()):
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in seeds:
-        for mode in modes:
-            r = run(mode, seed, out, list(extra))
-            results.append(r)
-            print(f"{mode:7s} seed {seed}: val acc {r['acc']:.4f} ({r['seconds']:.0f} s)", flush=True)
-    return results
+    return run_grid(seeds, modes, out, lambda mode, seed: run(mode, seed, out, list(extra)),
+                    lambda r: f"val acc {r['acc']:.4f}")
 
 
 def main():

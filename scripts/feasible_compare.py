@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import fit_run, seeds_main  # noqa: E402
+from scripts._report import fit_run, run_grid, seeds_main  # noqa: E402
 MODES = {"erm": "recipes/erm_digits.yaml", "fl": "recipes/feasible_digits.yaml", "rfl": "recipes/rfl_digits.yaml"}
 KEYS = ["train_max", "train_q99", "train_cvar05", "train_frac_violated", "train_mean", "train_acc", "val_acc",
         "val_mean", "val_cvar05", "lambda_max", "lambda_mean", "lambda_frac_zero", "lambda_loss_spearman"]
@@ -116,15 +116,9 @@ def write(results, out: Path, cmd: str) -> str:
 
 
 def compare(seeds, out: Path, modes=tuple(MODES), extra=()):
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in seeds:
-        for mode in modes:
-            r = run(mode, seed, out, list(extra))
-            results.append(r)
-            print(f"{mode:4s} seed {seed}: train max {r['train_max']:.3f}, CVaR5% {r['train_cvar05']:.3f}, "
-                  f"test acc {r['val_acc']:.4f} ({r['seconds']:.0f} s)", flush=True)
-    return results
+    return run_grid(seeds, modes, out, lambda mode, seed: run(mode, seed, out, list(extra)),
+                    lambda r: f"train max {r['train_max']:.3f}, CVaR5% {r['train_cvar05']:.3f}, "
+                              f"test acc {r['val_acc']:.4f}")
 
 
 def main():
