@@ -33,18 +33,25 @@ REDUCTIONS = ("sum", "mean")
 
 
 def dual_step_(lam: torch.Tensor, index: torch.Tensor, violation: torch.Tensor, dual_lr: float,
-               resilient_alpha: Optional[float] = None) -> torch.Tensor:
+               resilient_alpha: Optional[float] = None, scratch: Optional[torch.Tensor] = None) -> None:
     """In place on ``lam``: the projected gradient-ascent step of the samples in ``index`` (others untouched).
 
-    Repeated ids get one step with their mean violation.  Returns the unique ids that were updated.
+    Repeated ids get one step with their mean violation (every copy computes, and writes, the same value).  The work
+    is O(batch) and never waits for the host (no ``unique``, no data-dependent shapes): per-id sums and counts go
+    through ``scratch``, a ``(2, len(lam))`` buffer of which only the batch's entries are reset and read (allocated
+    here when not given; the callback keeps one).
     """
-    ids, inverse = torch.unique(index, return_inverse=True)
-    total = torch.zeros(len(ids), dtype=lam.dtype, device=lam.device).index_add_(0, inverse, violation.to(lam.dtype))
-    violation = total / torch.bincount(inverse, minlength=len(ids)).to(lam.dtype)  # exact when ids are distinct
-    old = lam[ids]
-    ascent = violation if resilient_alpha is None else violation - old / resilient_alpha
-    lam[ids] = (old + dual_lr * ascent).clamp_min(0.0)
-    return ids
+    if scratch is None:
+        scratch = lam.new_zeros((2, len(lam)))
+    total, count = scratch[0], scratch[1]
+    total[index] = 0.0
+    count[index] = 0.0
+    total.index_add_(0, index, violation.to(lam.dtype))
+    count.index_add_(0, index, torch.ones_like(index, dtype=lam.dtype))
+    mean = total[index] / count[index]  # the violation itself when ids are distinct
+    old = lam[index]
+    ascent = mean if resilient_alpha is None else mean - old / resilient_alpha
+    lam[index] = (old + dual_lr * ascent).clamp_min(0.0)
 
 
 class FeasibleLearning(L.Callback):
@@ -77,6 +84,7 @@ class FeasibleLearning(L.Callback):
         self.epsilon, self.dual_lr, self.resilient_alpha = float(epsilon), dual_lr, resilient_alpha
         self.init, self.reduction = init, reduction
         self.lam: Optional[torch.Tensor] = None
+        self._scratch: Optional[torch.Tensor] = None  # per-sample sums / counts for dual_step_ (not checkpointed)
         self._trainer: Optional[L.Trainer] = None
         self._module = None
 
@@ -136,12 +144,16 @@ class FeasibleLearning(L.Callback):
     def _dual_update(self, losses: torch.Tensor, index: torch.Tensor) -> None:
         if self.lam.device != losses.device:
             self.lam = self.lam.to(losses.device)
+        if self._scratch is None or self._scratch.device != self.lam.device or self._scratch.shape[1] != len(self.lam):
+            self._scratch = self.lam.new_zeros((2, len(self.lam)))
         index = index.to(device=losses.device, dtype=torch.long)
-        if int(index.min()) < 0 or int(index.max()) >= len(self.lam):
+        if index.device.type == "cpu" and len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.lam)):
+            # checked where it is free; on an accelerator the check would stall every step on a host sync, and an
+            # out-of-range id fails the indexing kernel there instead
             raise ValueError(f"sample index out of range [0, {len(self.lam)}): got {int(index.min())}.."
                              f"{int(index.max())}; indices must be positions in the training set")
         all_index, violation = self._gather(index, losses.detach().float() - self.epsilon)
-        dual_step_(self.lam, all_index, violation, self.dual_lr, self.resilient_alpha)
+        dual_step_(self.lam, all_index, violation, self.dual_lr, self.resilient_alpha, self._scratch)
 
     def primal_loss(self, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The reducer installed on the module: dual step on the batch, then the Lagrangian's primal part."""

@@ -8,7 +8,9 @@ set, giving per-sample losses.  Logged and kept per epoch: mean, max, q90/q95/q9
 correlation of lambda with the training loss.
 
 At the end of fit, in the run dir: ``sample_metrics.csv`` (one row per validation epoch), ``train_losses.csv``
-(final per-sample training loss, correctness and lambda), ``loss_histogram.png`` (training losses, epsilon marked),
+(final per-sample training loss, correctness and lambda), ``loss_histogram.csv`` (the training-loss histogram of every
+validation epoch on fixed log-spaced bins, ``HIST_EDGES``) and ``loss_histogram.png`` (the final histogram, with up
+to four earlier epochs' outlines and epsilon marked),
 ``lambda_vs_loss.png`` (FL runs) and, when ``compare_to`` names other runs' dirs that hold a ``train_losses.csv``
 (e.g. the ERM run), ``loss_cdf.png``: the training-loss distributions of this run and those, one curve each.
 """
@@ -24,6 +26,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.run_files import run_dir, whole
+
+
+HIST_EDGES = [0.0] + [10 ** (k / 8) for k in range(-32, 13)]  # 0, 1e-4 .. 10^1.5, log-spaced (8 per decade)
+
+
+def loss_histogram(losses: torch.Tensor) -> List[int]:
+    """Counts of ``losses`` in the bins ``HIST_EDGES`` (last bin open to the right)."""
+    edges = torch.tensor(HIST_EDGES[1:-1], dtype=torch.float64)
+    return torch.bincount(torch.bucketize(losses.double().flatten(), edges, right=True),
+                          minlength=len(HIST_EDGES)).tolist()
 
 
 def tail_stats(losses: torch.Tensor, epsilon: Optional[float] = None) -> Dict[str, float]:
@@ -88,6 +100,7 @@ class SampleLossReport(L.Callback):
         self.epsilon, self.compare_to, self.label = epsilon, list(compare_to or []), label
         self._eps_used = epsilon  # FeasibleLearning's epsilon when that callback is present
         self.rows: List[dict] = []
+        self.histograms: List[tuple] = []  # (epoch, counts over HIST_EDGES) per validation epoch
         self.final: Optional[Dict[str, torch.Tensor]] = None
 
     def _fl(self, trainer):
@@ -116,6 +129,7 @@ class SampleLossReport(L.Callback):
             row.update(fl.multiplier_stats())
             row["lambda_loss_spearman"] = spearman(lam, train["loss"])
         self.rows.append(row)
+        self.histograms.append((trainer.current_epoch, loss_histogram(train["loss"])))
         self.final = train
         for key, value in row.items():
             if key not in ("epoch", "step"):
@@ -135,6 +149,12 @@ class SampleLossReport(L.Callback):
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
+        with open(os.path.join(out, "loss_histogram.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["epoch", "bin_low", "bin_high", "count"])
+            for epoch, counts in self.histograms:
+                highs = HIST_EDGES[1:] + [math.inf]
+                w.writerows((epoch, lo, hi, c) for lo, hi, c in zip(HIST_EDGES, highs, counts))
         final = self.final
         cols = [c for c in ("index", "loss", "correct", "lambda") if c in final]
         paths = [os.path.join(out, "train_losses.csv")]
@@ -157,12 +177,21 @@ class SampleLossReport(L.Callback):
         eps = self._eps_used
         loss = final["loss"].numpy()
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        ax.hist(loss, bins=60, color="tab:blue", alpha=0.8)
+        edges = [HIST_EDGES[1] / 2] + HIST_EDGES[1:] + [HIST_EDGES[-1] * 2]  # drawable: [0, 1e-4) and the open bin
+        last = len(self.histograms) - 1
+        earlier = sorted(set(torch.linspace(0, last, 5).round().long().tolist()) - {last})  # up to four epochs
+        picks = [self.histograms[i] for i in earlier]
+        for k, (epoch, counts) in enumerate(picks):
+            ax.stairs(counts, edges, color="tab:gray", alpha=0.3 + 0.5 * k / max(1, len(picks)),
+                      label=f"epoch {epoch}")
+        epoch, counts = self.histograms[-1]
+        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8, label=f"epoch {epoch} (final)")
         if eps is not None:
             ax.axvline(eps, color="k", ls="--", label=f"epsilon = {eps:.3f}")
-            ax.legend()
-        ax.set_yscale("log")
-        ax.set_xlabel("per-sample training loss")
+        ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("per-sample training loss (first bin: < 1e-4)")
         ax.set_ylabel("samples")
         ax.set_title(f"{self.label or 'this run'}: max {loss.max():.3f}, CVaR5% {self.rows[-1]['train_cvar05']:.3f}")
         fig.tight_layout()

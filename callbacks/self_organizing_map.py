@@ -2,14 +2,16 @@
 
 After every optimizer step, for every targeted conv layer: pick one best-matching unit (BMU) and pull every kernel
 toward the BMU's kernel, ``w_i += alpha(t) h_i(t) (w_c - w_i)``, in place, outside the optimizer (no momentum, no
-weight decay).  ``t`` is ``trainer.global_step`` and ``T`` ``trainer.estimated_stepping_batches``.
+weight decay).  ``t`` counts optimizer steps from 0 (the step just taken; the authors' ``epoch * steps + batch``)
+and ``T`` is ``trainer.estimated_stepping_batches``.
 
 * ``mode="cb"``: BMU = largest per-channel norm of the gradient, read in ``on_before_optimizer_step`` where it is
   final (after accumulation, unscaled under AMP; the argmax is scale-invariant anyway) and already all-reduced under
   DDP, so every rank picks the same BMU.  The BMU's kernel is taken *after* the step (spec B2).
 * ``mode="ab"``: BMU = largest norm of the batch-mean conv output (signed, pre-BN), collected by forward hooks
   during training over all micro-batches of the step and averaged across ranks (spec B4).
-* ``mode="random"``: uniform BMU from a generator seeded identically on every rank and saved in checkpoints.
+* ``mode="random"``: uniform BMU from a generator seeded identically on every rank (``seed``, or when unset the
+  run's ``seed_everything`` seed, broadcast from rank 0) and saved in checkpoints.
 * ``mode="none"``: no update (the baseline, same recipe).
 
 Under ``16-mixed`` with loss scaling, a step the ``GradScaler`` skips (inf/nan gradients) gets no SOM step either;
@@ -24,6 +26,7 @@ for the host: BMUs stay on the device and reach the host-side record (``flush``)
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Union
 
 import lightning as L
@@ -57,7 +60,7 @@ class SelfOrganizingMap(L.Callback):
         alpha_min: float = 0.003,
         sigma_min: float = 0.003,
         layers: Union[str, List[str]] = "all",
-        seed: int = 0,
+        seed: Optional[int] = None,
     ):
         if mode not in BMU_MODES:
             raise ValueError(f"SOM mode {mode!r} is unknown; expected one of {', '.join(BMU_MODES)}")
@@ -72,7 +75,8 @@ class SelfOrganizingMap(L.Callback):
         self.mode, self.alpha0, self.alpha0_overrides = mode, alpha0, dict(alpha0_overrides or {})
         self.sigma0, self.decay, self.alpha_min, self.sigma_min = sigma0, decay, alpha_min, sigma_min
         self.layers, self.seed = layers, seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        self._seeded = seed is not None
         self.targets: Dict[str, nn.Conv2d] = {}
         self.schedules: Dict[str, SOMSchedule] = {}
         self.distinct: Dict[str, set] = {}
@@ -96,10 +100,26 @@ class SelfOrganizingMap(L.Callback):
         prefixes = [self.layers] if isinstance(self.layers, str) else list(self.layers)
         return any(name.startswith(p) for p in prefixes)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Find the targeted convs (after ``configure_model``, so lazily built models are seen)."""
-        if self.mode == "none" or self.targets:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Seed the random-BMU generator from the run's seed when none was given (before a checkpoint restores it);
+        rank 0's seed is broadcast, so every rank draws the same BMUs."""
+        if self._seeded or stage != "fit":
             return
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if trainer.world_size > 1:
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+        self.generator.manual_seed(seed)
+        self._seeded = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the targeted convs (after ``configure_model``, so lazily built models are seen).  A callback reused
+        for a second ``fit`` targets that fit's model and keeps its records."""
+        if self.mode == "none":
+            return
+        self.targets, self._coords, self._seen = {}, {}, {}
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for name, module in pl_module.named_modules():
             if isinstance(module, nn.Conv2d) and self._selected(name):
                 try:
@@ -193,7 +213,7 @@ class SelfOrganizingMap(L.Callback):
             return
         self._stepped = False
         total = max(1, int(trainer.estimated_stepping_batches))
-        step = trainer.global_step
+        step = trainer.global_step - 1  # the optimizer step just taken, counted from 0
         for name, module in self.targets.items():
             schedule = self.schedules[name]
             alpha, sigma = schedule.alpha(step, total), schedule.sigma(step, total)

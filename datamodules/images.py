@@ -80,14 +80,21 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _read_cifar_file(path: str, label_key: bytes):
+    """One CIFAR python batch as ``(uint8 (N, 3, 32, 32), int64 (N,))``; a one-line ValueError if it is not one."""
     import pickle
 
-    with open(path, "rb") as fh:
-        entry = pickle.load(fh, encoding="bytes")
-    if b"data" not in entry or label_key not in entry:
-        raise ValueError(f"{path} is not a CIFAR python batch (expected keys b'data' and {label_key!r})")
-    data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(entry[label_key], dtype=np.int64)
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a CIFAR python batch (unreadable pickle: {type(err).__name__})") from None
+    if not isinstance(entry, dict) or b"data" not in entry or label_key not in entry:
+        raise ValueError(f"{path} is not a CIFAR python batch (expected a dict with keys b'data' and {label_key!r})")
+    data, labels = np.asarray(entry[b"data"]), np.asarray(entry[label_key])
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise ValueError(f"{path} is not a CIFAR python batch (data {tuple(data.shape)}, labels "
+                         f"{tuple(labels.shape)}; expected (N, 3072) and (N,))")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 class _ArrayImages(torch.utils.data.Dataset):
@@ -188,7 +195,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_set = ImageFolder(os.path.join(hp.path, "val"),
                                    T.Compose([T.Resize(hp.resize), T.CenterCrop(hp.image_size)] + norm))
         if self.val_set.classes != self.train_set.classes:
-            raise ValueError(f"train and val class folders differ under {hp.path!r}")
+            only_train = sorted(set(self.train_set.classes) - set(self.val_set.classes))
+            only_val = sorted(set(self.val_set.classes) - set(self.train_set.classes))
+            raise ValueError(f"train and val class folders differ under {hp.path!r}: only in train {only_train}, "
+                             f"only in val {only_val}")
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -97,6 +97,19 @@ def write(results, out: Path, cmd: str) -> str:
                      f"{statistics.fmean(zs):.2f} ({min(zs):.2f}–{max(zs):.2f}) | {fmt('distinct_bmu_frac')} | "
                      f"{statistics.fmean(means[m]['mean_kernel_cosine'].values()):.3f} | {fmt('mean_alignment')} | "
                      f"{secs:.0f} |")
+    base = [(abs(float(row["weight_topo_z"])), r["seed"], row["layer"]) for r in results if r["mode"] == "none"
+            for row in r["layers"]]
+    if base:
+        worst = max(base)
+        lines += ["", f"SOM off, single runs: max |weight-topo z| {worst[0]:.2f} (seed {worst[1]}, {worst[2]}); "
+                      f"{sum(v >= 2.5 for v, _, _ in base)} of {len(base)} run x layer values have |z| >= 2.5"]
+    if "ab" in modes:
+        lines += ["", "| layer | distinct BMU CB / AB | kernel cos CB / AB | alignment CB / AB | weight z CB / AB |",
+                  "|---|---|---|---|---|"]
+        for n in names:
+            cell = lambda k, f: f"{means['cb'][k][n]:{f}} / {means['ab'][k][n]:{f}}"  # noqa: E731
+            lines.append(f"| {n} | {cell('distinct_bmu_frac', '.3f')} | {cell('mean_kernel_cosine', '.3f')} | "
+                         f"{cell('mean_alignment', '.4f')} | {cell('weight_topo_z', '.2f')} |")
     lines += ["", "Checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks(results).items()),
               "", f"Reproduce: `{cmd}`"]
     table = "\n".join(lines)

@@ -24,7 +24,7 @@ class RecordingSOM(SelfOrganizingMap):
 
     def _bmu(self, trainer, name, channels):
         bmu = super()._bmu(trainer, name, channels)
-        self.history.append((trainer.global_step, name, bmu))
+        self.history.append((trainer.global_step, name, None if bmu is None else int(bmu)))
         return bmu
 
 
@@ -40,8 +40,10 @@ class SaveReplica(L.Callback):
 
 def main(out, devices, mode, steps):
     torch.set_num_threads(1)
-    L.seed_everything(0, verbose=False)
-    som = RecordingSOM(mode=mode, alpha0=0.1, sigma_min=1.0, seed=3)
+    # random BMUs with no explicit seed: each rank's own run seed differs, the callback takes rank 0's (broadcast)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    L.seed_everything(rank if mode == "random" else 0, verbose=False)
+    som = RecordingSOM(mode=mode, alpha0=0.1, sigma_min=1.0)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp", max_steps=steps,
                         callbacks=[som, SaveReplica(out)], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -103,6 +103,13 @@ def test_fl_run_saves_metrics_losses_and_plots_and_compares_with_erm(tmp_path):
                 "lambda_frac_zero", "lambda_max", "lambda_loss_spearman"):
         assert math.isfinite(float(rows[-1][key])), key
     assert float(rows[-1]["lambda_max"]) > 0
+    hist = list(csv.DictReader(open(log_dir / "loss_histogram.csv")))  # one histogram per validation epoch
+    epochs = sorted({int(r["epoch"]) for r in hist})
+    assert len(epochs) == len(rows) and all(sum(int(r["count"]) for r in hist if int(r["epoch"]) == e) == 1347
+                                            for e in epochs)
+    last = [r for r in hist if int(r["epoch"]) == epochs[-1]]
+    top = max(float(r["bin_low"]) for r in last if int(r["count"]) > 0)
+    assert top <= float(rows[-1]["train_max"]) < float(next(r["bin_high"] for r in last if float(r["bin_low"]) == top))
     losses = list(csv.DictReader(open(log_dir / "train_losses.csv")))
     assert len(losses) == 1347 and {"index", "loss", "correct", "lambda"} <= set(losses[0])
     assert not (next((erm / "logs").iterdir()) / "lambda_vs_loss.png").exists()  # ERM has no multipliers
@@ -121,7 +128,7 @@ def test_regressor_fl_on_a_face_folder_updates_lambda_and_reports_mae_in_years(t
     report = SampleLossReport(label="FL")
     trainer = L.Trainer(max_epochs=2, callbacks=[fl, report], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, default_root_dir=tmp_path / "run")
     model = FeasibleRegressor(backbone="linear", lr=1e-3)
     trainer.fit(model, dm)
     assert len(fl.lam) == 32 and int((fl.lam > 0).sum()) > 0
@@ -131,3 +138,5 @@ def test_regressor_fl_on_a_face_folder_updates_lambda_and_reports_mae_in_years(t
     row = report.rows[-1]
     assert "train_acc" not in row and row["train_max"] >= row["train_q99"] >= row["train_mean"] > 0
     assert 0.0 <= row["lambda_frac_zero"] <= 1.0
+    # no logger: the report goes to the run's root folder, never to the working directory
+    assert (tmp_path / "run" / "sample_metrics.csv").exists() and (tmp_path / "run" / "loss_histogram.png").exists()

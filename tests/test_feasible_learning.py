@@ -36,6 +36,32 @@ def test_a_sample_twice_in_one_batch_gets_one_update_with_its_mean_violation():
     torch.testing.assert_close(lam, torch.tensor([0.05, 0.0, 0.2, 0.0], dtype=torch.float64))
 
 
+def test_a_reused_scratch_buffer_carries_nothing_between_steps():
+    torch.manual_seed(0)
+    lam_reused = torch.rand(50, dtype=torch.float64)
+    lam_fresh = lam_reused.clone()
+    scratch = torch.full((2, 50), 123.0, dtype=torch.float64)  # stale garbage from "earlier steps"
+    for _ in range(20):
+        idx = torch.randint(0, 50, (16,))  # duplicates included
+        c = torch.randn(16, dtype=torch.float64)
+        dual_step_(lam_reused, idx, c, dual_lr=0.3, resilient_alpha=2.0, scratch=scratch)
+        dual_step_(lam_fresh, idx, c, dual_lr=0.3, resilient_alpha=2.0)
+        assert torch.equal(lam_reused, lam_fresh)
+
+
+def test_mean_reduction_is_the_batch_mean_of_the_weighted_losses():
+    fl = FeasibleLearning(epsilon=0.5, dual_lr=1.0, init=0.0, reduction="mean")
+    fl.lam = torch.zeros(6)
+    losses = torch.tensor([0.1, 0.9, 2.0], requires_grad=True)
+    out = fl.primal_loss(losses, torch.tensor([4, 0, 2]))
+    lam = torch.tensor([0.0, 0.4, 1.5])  # dual step first: max(0, 0 + 1.0 (loss - 0.5))
+    torch.testing.assert_close(fl.lam[[4, 0, 2]], lam)
+    torch.testing.assert_close(out, (lam * losses.detach()).mean())
+    fl_sum = FeasibleLearning(epsilon=0.5, dual_lr=1.0, init=0.0)
+    fl_sum.lam = torch.zeros(6)
+    torch.testing.assert_close(fl_sum.primal_loss(losses, torch.tensor([4, 0, 2])), (lam * losses.detach()).sum())
+
+
 def test_epsilon_from_target_probability_and_bad_config():
     assert FeasibleLearning(target_probability=0.6).epsilon == pytest.approx(math.log(1 / 0.6))
     cases = [(dict(epsilon=-0.1), "epsilon must be >= 0, got -0.1"),

@@ -55,6 +55,9 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.post_step = {n: m.weight.detach().clone() for n, m in pl_module.named_modules()
                           if isinstance(m, nn.Conv2d)}
+        # everything else the SOM step must leave alone: conv biases, BatchNorm affine parameters and statistics
+        self.others = {k: v.detach().clone() for k, v in pl_module.state_dict().items()
+                       if not any(k == f"{n}.weight" for n in self.post_step)}
 
 
 def fit(som, steps=1, accumulate=1, model=None, **trainer_kwargs):
@@ -80,10 +83,14 @@ def test_one_step_is_the_exact_som_update_on_every_layer(mode, precision):
         post = rec.post_step[name].clone()
         bmu = credit_bmu(rec.grads[name]) if mode == "cb" else activation_bmu(rec.act[name])
         schedule = SOMSchedule(alpha0=0.2, sigma0=float(conv.out_channels) ** 0.5, sigma_min=1.0)
-        som_update_(post, bmu, schedule.alpha(1, total), schedule.sigma(1, total))
+        som_update_(post, bmu, schedule.alpha(0, total), schedule.sigma(0, total))  # the first step is t = 0
         torch.testing.assert_close(conv.weight.detach(), post, rtol=0, atol=1e-7)
         assert not torch.equal(conv.weight.detach(), rec.post_step[name]), name  # the layer did change
         assert som.distinct[name] == {bmu}
+    state = model.state_dict()
+    assert any(".bias" in k for k in rec.others) and any("running_var" in k for k in rec.others)
+    for key, value in rec.others.items():  # conv biases and BatchNorm untouched by the SOM step
+        assert torch.equal(state[key], value), key
 
 
 def test_no_som_step_when_fp16_loss_scaling_skips_the_optimizer_step():
@@ -131,9 +138,34 @@ def test_one_som_step_per_optimizer_step_under_accumulation():
 def test_layer_prefixes_and_per_stage_alpha():
     som = SelfOrganizingMap(mode="cb", alpha0=0.1, alpha0_overrides={"features.6": 0.3}, layers=["features.3",
                                                                                                    "features.6"])
-    fit(som)
+    model, rec, _ = fit(som)
     assert set(som.targets) == {"features.3", "features.6"}
     assert som.schedules["features.6"].alpha0 == 0.3 and som.schedules["features.3"].alpha0 == 0.1
+    assert torch.equal(model.features[0].weight.detach(), rec.post_step["features.0"])  # not targeted: untouched
+    for name in ("features.3", "features.6"):
+        conv = dict(model.named_modules())[name]
+        assert not torch.equal(conv.weight.detach(), rec.post_step[name]), name
+
+
+def test_a_callback_reused_for_a_second_fit_updates_that_fits_model():
+    som = SelfOrganizingMap(mode="ab", alpha0=0.2, sigma_min=1.0)
+    fit(som, steps=2)
+    model, rec, _ = fit(som, steps=2, model=TinyConvNet())
+    assert set(som.updates.values()) == {4}  # 2 steps per fit, AB hooks on the second model too
+    conv = model.features[3]
+    assert not torch.equal(conv.weight.detach(), rec.post_step["features.3"])
+
+
+def test_random_bmu_seed_follows_seed_everything_when_unset():
+    def draws(som, seed):
+        L.seed_everything(seed, verbose=False)
+        fit(som, steps=4)
+        return [int(torch.randint(1 << 30, (1,), generator=som.generator)) for _ in range(3)]
+
+    same = draws(SelfOrganizingMap(mode="random"), 7)
+    assert draws(SelfOrganizingMap(mode="random"), 7) == same
+    assert draws(SelfOrganizingMap(mode="random"), 8) != same
+    assert draws(SelfOrganizingMap(mode="random", seed=7), 8) == same  # an explicit seed wins
 
 
 def test_random_bmu_generator_is_checkpointed():

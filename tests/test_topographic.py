@@ -40,6 +40,10 @@ def test_schedule_decays_exponentially_with_floors():
     # alpha hits its floor at t/T = ln(0.008/0.003)/3 = 0.327 (spec 1.7: "epoch 29 of 90")
     assert s.alpha(320, total) > 0.003 and s.alpha(340, total) == 0.003 and s.alpha(total, total) == 0.003
     assert s.sigma(total, total) == pytest.approx(8.0 * math.exp(-3.0))  # 0.40, above its 0.003 floor
+    # the digits recipe's sigma floor of 1.0: 8 exp(-3 t/T) = 1 at t/T = ln 8 / 3 = 0.693
+    s1 = SOMSchedule(alpha0=0.1, sigma0=8.0, decay=-3.0, alpha_min=0.003, sigma_min=1.0)
+    assert s1.sigma(680, total) > 1.0 and s1.sigma(700, total) == 1.0 and s1.sigma(total, total) == 1.0
+    assert s1.alpha(total, total) == pytest.approx(0.1 * math.exp(-3.0))  # 0.005, above its floor
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(alpha0=-0.1, sigma0=4.0), "alpha0 must be >= 0, got -0.1"),
@@ -67,9 +71,10 @@ def test_activation_bmu_uses_the_norm_of_the_batch_mean_map():
     assert activation_bmu(out.mean(0)) == 3  # ||mean map||: ch1 0, ch2 2, ch3 3
 
 
-def test_random_bmu_is_reproducible_with_a_generator():
-    a = [random_bmu(16, torch.Generator().manual_seed(5)) for _ in range(3)]
-    assert len(set(a)) == 1 and 0 <= a[0] < 16
+def test_random_bmu_is_uniform_over_the_sheet():
+    g = torch.Generator().manual_seed(5)
+    counts = torch.bincount(torch.tensor([random_bmu(16, g) for _ in range(3200)]), minlength=16)
+    assert len(counts) == 16 and int(counts.min()) > 140 and int(counts.max()) < 260  # ~200 each (sd 14)
 
 
 def test_update_is_exact_and_leaves_the_bmu_bias_and_bn_alone():

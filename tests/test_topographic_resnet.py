@@ -100,3 +100,40 @@ def test_image_folder_tree_with_paper_augmentations(tmp_path):
     (empty / "val").mkdir()
     with pytest.raises(ValueError, match="has no class sub-folders"):
         ImageFolderDataModule(str(empty))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda f: f.write_bytes(b"this is not a pickle"), "data_batch_2 is not a CIFAR python batch (unreadable pickle"),
+    (lambda f: f.write_bytes(b""), "data_batch_2 is not a CIFAR python batch (unreadable pickle: EOFError)"),
+    (lambda f: f.write_bytes(__import__("pickle").dumps({b"pixels": [1], b"labels": [0]})),
+     "expected a dict with keys b'data' and b'labels'"),
+    (lambda f: f.write_bytes(__import__("pickle").dumps({b"data": [[0] * 100] * 2, b"labels": [0, 1]})),
+     "data (2, 100), labels (2,); expected (N, 3072) and (N,)"),
+    (lambda f: f.write_bytes(__import__("pickle").dumps({b"data": [[0] * 3072] * 2, b"labels": [0]})),
+     "data (2, 3072), labels (1,)"),
+])
+def test_malformed_cifar_file_is_a_one_line_cli_error(tmp_path, capsys, damage, needle):
+    from recipes.cli import main
+    from tests.helpers import run_dir_args
+
+    d = write_cifar(tmp_path / "data")
+    damage(d / "data_batch_2")
+    code = main(["fit", "--config", "recipes/cbsom_cifar10.yaml", f"--data.init_args.path={tmp_path / 'data'}",
+                 "--data.init_args.num_workers=0", *run_dir_args(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ValueError: ") and needle in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err) and len(err[-1]) < 300
+
+
+def test_image_folder_with_an_empty_class_or_mismatched_classes(tmp_path):
+    from datamodules.images import ImageFolderDataModule
+
+    write_image_folder(tmp_path / "a")
+    for f in (tmp_path / "a" / "train" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes dog"):
+        ImageFolderDataModule(str(tmp_path / "a"), num_workers=0).setup()
+    write_image_folder(tmp_path / "b")
+    (tmp_path / "b" / "val" / "fish").rename(tmp_path / "b" / "val" / "shark")
+    with pytest.raises(ValueError, match=r"class folders differ .*only in train \['fish'\], only in val \['shark'\]"):
+        ImageFolderDataModule(str(tmp_path / "b"), num_workers=0).setup()
