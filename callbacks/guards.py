@@ -45,6 +45,8 @@ class RecipeCheckpoint(ModelCheckpoint):
     * Preemption: on SIGTERM (Lightning's own flag) or SIGUSR1 (outside SLURM, where Lightning leaves it unhandled),
       the step in progress finishes, a checkpoint is written (after every callback's step work, e.g. the SOM update),
       and the run stops; ``--ckpt_path last`` resumes it exactly (tested).  ``python -m recipes`` then exits 143.
+      Under gradient accumulation the run stops only after a micro-batch that ended with an optimizer step: stopping
+      in the middle would drop the gradients accumulated so far, which no checkpoint holds.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -68,8 +70,16 @@ class RecipeCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == getattr(self, "_step_at_batch_start", None):  # mid-accumulation, on every rank
+            if trainer.received_sigterm:  # Lightning would stop after this micro-batch: stop after the step instead
+                self._preempted = True
+                trainer._signal_connector.received_sigterm = False
+            return
         stop = self._preempted or trainer.received_sigterm
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -77,6 +77,7 @@ class RecipeCLI(LightningCLI):
             cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         check_scale(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes") or 1, on_gpu)
         _per_run_dir(cfg)
+        _wandb_under_sweep_agent(cfg)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -109,6 +110,26 @@ def _per_run_dir(cfg) -> None:
         init = getattr(logger, "init_args", None)
         if init is not None and init.get("save_dir") in (root, root.rstrip("/")):
             init.save_dir = new
+
+
+def _wandb_under_sweep_agent(cfg) -> None:
+    """A run started by ``wandb agent`` (``WANDB_SWEEP_ID`` set) must report to its sweep: when the recipe logs
+    elsewhere only (the default CSV logger), a ``RecipeWandbLogger`` is added after it (the CSV logger keeps the run's
+    folder for reports), saving under ``<default_root_dir>/wandb``; ``wandb.init`` then joins the agent's run."""
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return
+    from jsonargparse import Namespace
+
+    loggers = cfg.trainer.get("logger")
+    if loggers is False:
+        return
+    current = [] if loggers in (None, True) else list(loggers) if isinstance(loggers, list) else [loggers]
+    if any("Wandb" in str(getattr(lg, "class_path", "")) for lg in current):
+        return
+    root = cfg.trainer.get("default_root_dir") or os.getcwd()
+    wandb = Namespace(class_path="recipes.loggers.RecipeWandbLogger",
+                      init_args=Namespace(save_dir=os.path.join(root, "wandb")))
+    cfg.trainer.logger = [*current, wandb]
 
 
 def check_scale(devices, num_nodes: int, on_gpu: bool) -> None:

@@ -154,16 +154,72 @@ try:
                 os.kill(os.getpid(), 9)
 
     class SignalAtStep(L.Callback):
-        """Test helper: send ``signal`` (a name, e.g. SIGTERM) to this process once, at ``step`` (a preemption)."""
+        """Test helper: send ``signal`` (a name, e.g. SIGTERM) to this process once, at the end of micro-batch
+        ``batch`` (counted over the run) (a preemption landing in the middle of gradient accumulation)."""
 
-        def __init__(self, step: int, signal: str = "SIGTERM"):
-            self.step, self.signal, self.sent = step, signal, False
+        def __init__(self, batch: int, signal: str = "SIGTERM"):
+            self.batch, self.signal, self.seen = batch, signal, 0
 
         def on_train_batch_end(self, trainer, *args, **kwargs):
             import signal as sig
 
-            if trainer.global_step >= self.step and not self.sent:
-                self.sent = True
+            self.seen += 1
+            if self.seen == self.batch:
                 os.kill(os.getpid(), getattr(sig, self.signal))
+
+    class TouchAtStep(L.Callback):
+        """Test helper: create the file ``path`` once ``global_step`` reaches ``step`` (tells a test when to signal)."""
+
+        def __init__(self, step: int, path: str):
+            self.step, self.path = step, path
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            if trainer.global_step >= self.step and not os.path.exists(self.path):
+                open(self.path, "w").close()
 except ImportError:  # pragma: no cover
     pass
+
+
+def wandb_run_records(path) -> list:
+    """The records of a W&B ``.wandb`` run file as raw protobuf bytes, block framing removed (the file is a LevelDB
+    style log: a 7-byte W&B header, then 32 KiB blocks of chunks each with a 7-byte header of crc32, little-endian
+    length and type full/first/middle/last), so a test can look for a value that a block boundary might split."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", path
+    records, current, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the tail of a block too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        current = chunk if kind in (1, 2) else current + chunk
+        if kind in (1, 4):
+            records.append(current)
+    return records
+
+
+def wandb_run_summary(path) -> dict:
+    """What an offline W&B run recorded: ``run_id``, ``config`` (key -> decoded JSON value) and ``history`` (the set
+    of logged metric keys), parsed with W&B's own protobuf schema."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb2
+
+    out = {"run_id": None, "config": {}, "history": set()}
+    for raw in wandb_run_records(path):
+        record = pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run_id"] = record.run.run_id
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return out

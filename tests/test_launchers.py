@@ -43,3 +43,53 @@ def test_impossible_scale_is_a_one_line_error_before_training(tmp_path, extra, e
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _fake_srun(tmp_path):
+    """An ``srun`` on PATH that records the command it was given (one argument per line) instead of launching it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path / 'srun_args.txt'}\n")
+    srun.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("recipe, strategy, want", [("recipes/fox_760m.yaml", None, None),
+                                                     ("recipes/cbsom_digits.yaml", "ddp", "ddp")])
+def test_sbatch_script_derives_the_scale_and_keeps_the_recipes_strategy(tmp_path, recipe, strategy, want):
+    env = {**os.environ, "PATH": f"{_fake_srun(tmp_path)}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_CPUS_PER_TASK": "6", "PYTHON": "python3"}
+    env.pop("STRATEGY", None)
+    if strategy:
+        env["STRATEGY"] = strategy
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), recipe, "--trainer.max_steps=5"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun_args.txt").read_text().splitlines()
+    assert args[:5] == ["python3", "-m", "recipes", "fit", "--config"] and args[5] == recipe
+    assert "--trainer.num_nodes=2" in args and "--trainer.devices=8" in args and args[-1] == "--trainer.max_steps=5"
+    given = [a.split("=", 1)[1] for a in args if a.startswith("--trainer.strategy=")]
+    assert given == ([want] if want else [])  # no override: the recipe's FSDP strategy stands
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_c10d_rendezvous_two_cpu_processes(tmp_path):
+    """The multi-node branch (c10d rendezvous at MASTER_ADDR:MASTER_PORT) with one node of 2 CPU processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NNODES": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-c10d"}
+    out = tmp_path / "c10d"
+    proc = subprocess.run(["bash", "-x", str(ROOT / "scripts" / "torchrun.sh"), "2", "recipes/feasible_digits.yaml",
+                           "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--data.init_args.batch_size=32",
+                           "--trainer.enable_progress_bar=false", *run_dir_args(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--rdzv-endpoint=127.0.0.1:{port}" in proc.stderr and "--rdzv-backend=c10d" in proc.stderr  # bash -x
+    assert "MEMBER: 2/2" in proc.stderr
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4

@@ -1,45 +1,86 @@
-"""Preemption: SIGTERM or SIGUSR1 sent to a real training process finishes the step, saves a checkpoint and stops
-(exit 143); resuming with --ckpt_path last ends exactly where an uninterrupted run ends (CB-SOM, with its SOM state)."""
+"""Preemption: SIGTERM or SIGUSR1 sent to a real training process finishes the optimizer step in progress, saves a
+checkpoint and stops (exit 143); resuming with --ckpt_path last ends exactly where an uninterrupted run ends (CB-SOM
+with its SOM state, under gradient accumulation so that a signal can land between micro-batches)."""
+import os
+import signal as sig
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import ROOT, run_cli
 
-COMMON = ["fit", "--config", "recipes/cbsom_digits.yaml", "--trainer.max_steps=30", "--checkpoint.every_n_train_steps=50",
+STEPS, ACCUMULATE = 20, 3
+COMMON = ["fit", "--config", "recipes/cbsom_digits.yaml", f"--trainer.max_steps={STEPS}",
+          f"--trainer.accumulate_grad_batches={ACCUMULATE}", "--checkpoint.every_n_train_steps=50",
           "--trainer.enable_progress_bar=false"]
 SOM = ("    - class_path: callbacks.self_organizing_map.SelfOrganizingMap\n"
        "      init_args:\n        mode: random\n        alpha0: 0.1\n        sigma_min: 1.0\n")
 
 
-def go(tmp_path, name, extra=(), signal_at=None, signal="SIGTERM"):
-    cfg = tmp_path / f"{name}-{signal_at}.yaml"
-    text = "trainer:\n  callbacks:\n" + SOM
-    if signal_at is not None:
-        text += (f"    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        step: {signal_at}\n"
-                 f"        signal: {signal}\n")
-    cfg.write_text(text)
+def args(tmp_path, name, extra_callbacks="", extra=()):
+    cfg = tmp_path / f"{name}-{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    cfg.write_text("trainer:\n  callbacks:\n" + SOM + extra_callbacks)
     out = tmp_path / name
-    return run_cli([*COMMON, "--config", str(cfg), f"--trainer.default_root_dir={out}",
-                    f"--trainer.logger.init_args.save_dir={out}", *extra])
+    return [*COMMON, "--config", str(cfg), f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", *extra]
 
 
-def last(tmp_path, name):
-    return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+def last(folder):
+    return torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = run_cli(args(tmp, "run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return last(tmp / "run")
+
+
+def resume_and_compare(tmp_path, name, straight):
+    resumed = run_cli(args(tmp_path, name, extra=["--ckpt_path=last"]))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    b = last(tmp_path / name)
+    assert straight["global_step"] == b["global_step"] == STEPS
+    for key in straight["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], straight["state_dict"][key], rtol=0, atol=0, msg=key)
+    som_a, som_b = (next(v for k, v in c["callbacks"].items() if k.startswith("SelfOrganizingMap"))
+                    for c in (straight, b))
+    assert som_a["distinct"] == som_b["distinct"] and torch.equal(som_a["generator"], som_b["generator"])
 
 
 @pytest.mark.parametrize("signal", ["SIGTERM", "SIGUSR1"])
-def test_signal_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, signal):
-    straight = go(tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    stopped = go(tmp_path, "resumed", signal_at=13, signal=signal)
+def test_a_signal_from_outside_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, signal, straight):
+    marker = tmp_path / "at_step_4"
+    touch = (f"    - class_path: tests.helpers.TouchAtStep\n      init_args:\n        step: 4\n"
+             f"        path: {marker}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "recipes", *args(tmp_path, "resumed", touch)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the run never reached step 4"
+    proc.send_signal(getattr(sig, signal))  # asynchronous: it lands wherever the run is, between micro-batches too
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "resume with --ckpt_path last" in err.strip().splitlines()[-1]
+    stopped_at = last(tmp_path / "resumed")["global_step"]
+    assert 4 <= stopped_at < STEPS  # no step-based checkpoint was due: the signal wrote it
+    resume_and_compare(tmp_path, "resumed", straight)
+
+
+def test_a_signal_between_micro_batches_stops_after_the_optimizer_step(tmp_path, straight):
+    """Sent after micro-batch 11 of 3-batch accumulation steps (the 2nd micro-batch of step 4): the run finishes step
+    4 (micro-batch 12) and saves it; stopping at once would lose the accumulated gradients of micro-batches 10-11."""
+    send = "    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 11\n"
+    stopped = run_cli(args(tmp_path, "resumed", send))
     assert stopped.returncode == 143, stopped.stderr[-2000:]
-    assert "resume with --ckpt_path last" in stopped.stderr.strip().splitlines()[-1]
-    assert last(tmp_path, "resumed")["global_step"] == 13  # no step-based checkpoint was due: the signal wrote it
-    resumed = go(tmp_path, "resumed", extra=["--ckpt_path=last"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = last(tmp_path, "straight"), last(tmp_path, "resumed")
-    assert a["global_step"] == b["global_step"] == 30
-    for key in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
-    som_a, som_b = (next(v for k, v in c["callbacks"].items() if k.startswith("SelfOrganizingMap")) for c in (a, b))
-    assert som_a["distinct"] == som_b["distinct"] and torch.equal(som_a["generator"], som_b["generator"])
+    ckpt = last(tmp_path / "resumed")
+    assert ckpt["global_step"] == 4
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 12
+    resume_and_compare(tmp_path, "resumed", straight)

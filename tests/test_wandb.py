@@ -4,6 +4,7 @@ import os
 
 from recipes.cli import main
 from recipes.loggers import RecipeWandbLogger
+from tests.helpers import run_cli, wandb_run_summary
 
 
 def test_offline_without_credentials(tmp_path, monkeypatch):
@@ -28,8 +29,11 @@ def test_wandb_preset_logs_config_and_plots_and_reruns_in_the_same_folder(tmp_pa
     assert main(args) == 0  # the same folder again: config.yaml exists and is overwritten, no failure
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
-    stream = next(runs[-1].glob("run-*.wandb")).read_bytes()
-    assert b"callbacks.feasible_learning.FeasibleLearning" in stream  # the resolved recipe config
+    recorded = wandb_run_summary(next(runs[-1].glob("run-*.wandb")))
+    recipe = recorded["config"]["recipe"]  # the full resolved config
+    assert recipe["trainer"]["max_epochs"] == 1 and recipe["data"]["init_args"]["with_index"] is True
+    assert any(cb["class_path"] == "callbacks.feasible_learning.FeasibleLearning" for cb in recipe["trainer"]["callbacks"])
+    assert {"val/acc", "samples/train_max"} <= recorded["history"], sorted(recorded["history"])
     images = {p.name.rsplit("_", 2)[0] for p in (runs[-1] / "files" / "media" / "images" / "plots").glob("*.png")}
     assert {"loss_histogram", "lambda_vs_loss"} <= images
     assert (run / "config.yaml").is_file() and (run / "loss_histogram.png").is_file()
@@ -48,3 +52,23 @@ def test_checkpoint_artifacts_offline_is_a_one_line_error(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "log_model=True and offline=True" in err[-1]
     assert err[-1].endswith("to log your model.")
+
+
+def test_a_run_started_by_the_sweep_agent_reports_to_wandb(tmp_path):
+    """``wandb agent`` sets WANDB_SWEEP_ID / WANDB_RUN_ID and runs the sweep's command (a fresh process) naming only
+    the recipe: the CLI adds a W&B logger after the recipe's CSV logger, so the run joins the agent's run id and its
+    config holds the swept value."""
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SWEEP_ID": "sweep01", "WANDB_RUN_ID": "agentrun7",
+           "WANDB_API_KEY": ""}
+    root = tmp_path / "runs"
+    proc = run_cli(["fit", "--config", "recipes/erm_digits.yaml", "--trainer.max_epochs=1",
+                    "--trainer.enable_progress_bar=false", "--model.init_args.lr=0.00123",
+                    f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_root = root / "agentrun7"  # one folder per agent run
+    (offline,) = (run_root / "wandb" / "wandb").glob("offline-run-*-agentrun7")
+    run = wandb_run_summary(next(offline.glob("run-*.wandb")))
+    assert run["run_id"] == "agentrun7"
+    assert run["config"]["recipe"]["model"]["init_args"]["lr"] == 0.00123  # the swept value, in the run's config
+    assert any(k.startswith("train/") for k in run["history"]), sorted(run["history"])
+    assert (run_root / "logs" / "version_0" / "metrics.csv").is_file()  # the CSV logger is kept
