@@ -75,6 +75,7 @@ class RecipeCLI(LightningCLI):
         on_gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
         if cfg.trainer.get("precision") is None:
             cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+        check_hardware(accel, cfg.trainer.get("strategy"), on_gpu)
         check_scale(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes") or 1, on_gpu)
         _per_run_dir(cfg)
         _wandb_under_sweep_agent(cfg)
@@ -130,6 +131,18 @@ def _wandb_under_sweep_agent(cfg) -> None:
     wandb = Namespace(class_path="recipes.loggers.RecipeWandbLogger",
                       init_args=Namespace(save_dir=os.path.join(root, "wandb")))
     cfg.trainer.logger = [*current, wandb]
+
+
+def check_hardware(accelerator: str, strategy, on_gpu: bool) -> None:
+    """A GPU-only setting on a machine without CUDA fails in one line before anything starts: ``accelerator=gpu``,
+    and FSDP strategies (torch's FSDP refuses CPU devices: "FSDP needs a non-CPU accelerator device")."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; on CPU run "
+                         "--trainer.accelerator=cpu")
+    name = str(getattr(strategy, "class_path", strategy) or "")
+    if "fsdp" in name.lower() and not on_gpu:
+        raise ValueError(f"trainer.strategy={name} shards with torch FSDP, which needs CUDA GPUs; on CPU run "
+                         "--trainer.strategy=ddp (same model, precision and activation checkpointing)")
 
 
 def check_scale(devices, num_nodes: int, on_gpu: bool) -> None:

@@ -2,8 +2,11 @@
 
 ``BlockFSDP`` is Lightning's ``FSDPStrategy`` with the wrap policy given as class paths (YAML cannot hold a set of
 classes): every module of those classes becomes one FSDP unit, e.g. each transformer block of the large FoX recipes.
-Lightning runs FSDP only on CUDA (``accelerator='cpu'`` is refused by its accelerator connector), so these recipes
-need GPUs; on CPU their model, precision and activation checkpointing are exercised under DDP instead (tested).
+FSDP needs GPUs: Lightning's accelerator connector refuses ``strategy='fsdp'`` with ``accelerator='cpu'``, and
+torch's ``FullyShardedDataParallel`` (FSDP1, which Lightning's ``FSDPStrategy`` wraps) refuses CPU modules itself
+("FSDP needs a non-CPU accelerator device", seen with torch 2.14 and this subclass on CPU/gloo).  ``python -m recipes``
+says so in one line before starting; on CPU the large recipes' model, precision and activation checkpointing run
+under DDP instead (tested).
 """
 from __future__ import annotations
 

@@ -32,6 +32,20 @@ def test_bad_wrap_class_is_a_clear_error():
         BlockFSDP(wrap=["nowhere.Block"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_large_recipe_on_a_cpu_machine_says_why_in_one_line(tmp_path):
+    base = ["fit", "--config", "recipes/fox_125m.yaml", *run_dir_args(tmp_path)]
+    proc = run_cli(base)  # as shipped: accelerator gpu
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: ValueError: trainer.accelerator=gpu but this machine has no CUDA GPU; on CPU run "
+        "--trainer.accelerator=cpu")
+    proc = run_cli([*base, "--trainer.accelerator=cpu", "--trainer.devices=2"])  # its FSDP strategy on CPU
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ValueError: trainer.strategy=recipes.strategies.BlockFSDP "
+                                                    "shards with torch FSDP, which needs CUDA GPUs"), last
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_shrunk_large_recipe_trains_under_two_process_ddp_on_cpu(tmp_path):
     tokens = write_token_dir(tmp_path / "tokens")
