@@ -2,6 +2,8 @@
 recipe's plots logged, and a second run in the same folder works (the LightningCLI + W&B config.yaml pitfall)."""
 import os
 
+import pytest
+
 from recipes.cli import main
 from recipes.loggers import RecipeWandbLogger
 from tests.helpers import run_cli, wandb_run_summary
@@ -72,3 +74,23 @@ def test_a_run_started_by_the_sweep_agent_reports_to_wandb(tmp_path):
     assert run["config"]["recipe"]["model"]["init_args"]["lr"] == 0.00123  # the swept value, in the run's config
     assert any(k.startswith("train/") for k in run["history"]), sorted(run["history"])
     assert (run_root / "logs" / "version_0" / "metrics.csv").is_file()  # the CSV logger is kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra, plots", [
+    ("recipes/cbsom_digits.yaml", ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"],
+     {"selectivity_maps", "orientation_map", "distance_curves"}),
+    ("recipes/fox_lm.yaml", ["--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                             "--data.init_args.val_windows=2", "--data.init_args.max_bytes=300000"],
+     {"position_loss", "gates"}),
+])
+def test_wandb_gets_each_methods_plots(tmp_path, monkeypatch, recipe, extra, plots):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["fit", "--config", recipe, "--config", "recipes/loggers/wandb.yaml", *extra,
+                 "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}"]) == 0
+    (run,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    images = {p.name.rsplit("_", 2)[0] for p in (run / "files" / "media" / "images" / "plots").glob("*.png")}
+    assert plots <= images, images
