@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import RECIPES, ROOT
@@ -28,6 +29,10 @@ def test_sweep_is_in_wandb_format_and_every_parameter_reaches_the_recipe(path):
         assert "." in name and "parameters" not in spec and None not in spec.get("values", [0])
     sweep_local.load(path)  # the local runner's own checks
     configs = sweep_local.configurations(sweep, 3, seed=0)
+    listed = {name: spec["values"] for name, spec in sweep["parameters"].items() if "values" in spec}
+    if listed:  # besides the first few, a set of configurations in which every listed value occurs once at least
+        configs += [{name: values[k % len(values)] for name, values in listed.items()}
+                    for k in range(max(map(len, listed.values())))]
     for k, config in enumerate(configs):
         argv = sweep_local.expand(sweep["command"], config, sweep.get("program"), [])
         resolved = sweep_local.check(argv, k, config)
@@ -55,20 +60,32 @@ def run_sweep(args):
 
 
 def test_local_two_config_sweep_runs_end_to_end(tmp_path):
+    """A method recipe swept over its callback's and its model's parameters: every run trains with its values."""
     root = tmp_path / "runs"
-    proc = run_sweep(["scripts/sweeps/erm_digits.yaml", "--count", "2", "--out", str(tmp_path / "sweep"),
+    sweep = tmp_path / "feasible.yaml"
+    sweep.write_text("method: grid\nmetric:\n  name: val/acc\n  goal: maximize\nparameters:\n"
+                     "  trainer.callbacks.init_args.dual_lr:\n    values: [0.05, 0.2]\n"
+                     "  model.init_args.lr:\n    values: [0.002]\n"
+                     "command:\n  - ${env}\n  - ${interpreter}\n  - -m\n  - recipes\n  - fit\n  - --config\n"
+                     "  - recipes/feasible_digits.yaml\n  - ${args}\n")
+    proc = run_sweep([str(sweep), "--count", "2", "--out", str(tmp_path / "sweep"),
                       "--set", "trainer.max_epochs=2", "--set", "trainer.check_val_every_n_epoch=1",
                       "--set", f"trainer.default_root_dir={root}", "--set", f"trainer.logger.init_args.save_dir={root}",
                       "--set", "trainer.enable_progress_bar=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
-    assert [r["model.init_args.lr"] for r in rows] == ["0.0003", "0.001"]
+    assert [r["trainer.callbacks.init_args.dual_lr"] for r in rows] == ["0.05", "0.2"]
     for row in rows:
         assert row["returncode"] == "0" and 0.0 < float(row["val/acc"]) <= 1.0  # the sweep metric was read
         (config,) = (root / row["run"]).glob("logs/version_*/config.yaml")  # each run in its own folder
         saved = yaml.safe_load(config.read_text())
-        assert saved["model"]["init_args"]["lr"] == float(row["model.init_args.lr"])
-        assert (root / row["run"] / "checkpoints" / "last.ckpt").exists()
+        assert saved["model"]["init_args"]["lr"] == 0.002
+        fl = saved["trainer"]["callbacks"][-1]
+        assert fl["class_path"].endswith("FeasibleLearning")
+        assert fl["init_args"]["dual_lr"] == float(row["trainer.callbacks.init_args.dual_lr"])
+        ckpt = torch.load(root / row["run"] / "checkpoints" / "last.ckpt", weights_only=False)
+        state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FeasibleLearning"))
+        assert state["dual_lr"] == fl["init_args"]["dual_lr"]  # the callback that trained used the swept value
 
 
 @pytest.mark.parametrize("param, needle", [
