@@ -7,7 +7,7 @@ A step is timed from ``on_train_batch_start`` (first callback) to ``on_train_bat
 cross-entropy, backward, SGD step and, with the callback, the SOM step (BMU choice and the in-place update on every
 conv) and its logging.  Batches are random 32x32 RGB images, batch 64, for the tiny preset and the ResNet-18 widths
 (64, 144, 256, 529).  The three configurations run round-robin, ``--reps`` fits of ``--steps`` steps each (the first
-two steps of each fit are dropped); the table gives medians over all timed steps.  Target: overhead <= 10%.
+two steps of each fit are dropped; the order rotates from fit to fit); the table gives medians over all timed steps.  Target: overhead <= 10%.
 """
 from __future__ import annotations
 
@@ -73,14 +73,16 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "resnet18"])
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
-        for preset in ("tiny", "resnet18"):
+        for preset in args.presets:
             times = {mode: [] for mode in ("off", "cb", "ab")}
-            for _ in range(args.reps):
-                for mode in times:
+            modes = list(times)
+            for rep in range(args.reps):
+                for mode in modes[rep % 3:] + modes[:rep % 3]:  # rotate the order: no mode always runs first
                     times[mode] += timed_fit(preset, mode, args.steps, args.batch, args.device, log_dir)
             t = {mode: statistics.median(v) for mode, v in times.items()}
             rows.append((preset, t["off"], t["cb"], t["ab"]))

@@ -226,7 +226,8 @@ def test_topography_report_writes_csv_and_plots(tmp_path):
 
     torch.manual_seed(0)
     som, report = SelfOrganizingMap(mode="cb", alpha0=0.1, sigma_min=1.0), TopographyReport(n_perm=20)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, callbacks=[som, report], default_root_dir=tmp_path,
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, log_every_n_steps=2, callbacks=[som, report],
+                        default_root_dir=tmp_path,
                         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(TopographicClassifier(), DigitsDataModule())
@@ -236,4 +237,7 @@ def test_topography_report_writes_csv_and_plots(tmp_path):
         assert (run / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(run / "topography.csv")))
     assert {r["layer"] for r in rows} == set(som.targets)
+    logged = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("som/alpha")]
+    assert [int(r["step"]) for r in logged] == [1, 3]  # the logger's steps (every 2nd), SOM diagnostics included
+    assert all(0 < float(r["som/model.stem.0/distinct_bmu_frac"]) <= 1 and float(r["som/sigma"]) > 0 for r in logged)
     assert all(float(r["distinct_bmu_frac"]) > 0 and -1 <= float(r["mean_alignment"]) <= 1 for r in rows)
