@@ -33,17 +33,19 @@ def test_bad_wrap_class_is_a_clear_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_large_recipe_on_a_cpu_machine_says_why_in_one_line(tmp_path):
+def test_large_recipe_on_a_cpu_machine_says_why_in_one_line(tmp_path, capsys):
+    from recipes.cli import main
+
     base = ["fit", "--config", "recipes/fox_125m.yaml", *run_dir_args(tmp_path)]
-    proc = run_cli(base)  # as shipped: accelerator gpu
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+    assert main(base) == 2  # as shipped: accelerator gpu
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: ValueError: trainer.accelerator=gpu but this machine has no CUDA GPU; on CPU run "
         "--trainer.accelerator=cpu")
-    proc = run_cli([*base, "--trainer.accelerator=cpu", "--trainer.devices=2"])  # its FSDP strategy on CPU
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith("error: ValueError: trainer.strategy=recipes.strategies.BlockFSDP "
-                                                    "shards with torch FSDP, which needs CUDA GPUs"), last
-    assert "Traceback" not in proc.stderr
+    assert main([*base, "--trainer.accelerator=cpu", "--trainer.devices=2"]) == 2  # its FSDP strategy on CPU
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ValueError: trainer.strategy=recipes.strategies.BlockFSDP shards with torch "
+                              "FSDP, which needs CUDA GPUs"), err[-1]
+    assert "Traceback" not in "\n".join(err)
 
 
 @pytest.mark.slow

@@ -37,12 +37,16 @@ def test_torchrun_launcher_two_cpu_processes_equal_one_process(tmp_path):
      {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2(x2)"},
      "trainer.devices=1 but SLURM runs 2 tasks per node"),
 ])
-def test_impossible_scale_is_a_one_line_error_before_training(tmp_path, extra, env, needle):
-    proc = run_cli(["fit", "--config", "recipes/feasible_digits.yaml", *extra, *run_dir_args(tmp_path)], env=env)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last, last
-    assert not (tmp_path / "checkpoints").exists()
+def test_impossible_scale_is_a_one_line_error_before_training(tmp_path, monkeypatch, capsys, extra, env, needle):
+    from recipes.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["fit", "--config", "recipes/feasible_digits.yaml", *extra, *run_dir_args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "checkpoints").exists()  # stopped before any training
 
 
 def _fake_srun(tmp_path):

@@ -52,7 +52,7 @@ def resume_and_compare(tmp_path, name, straight):
     assert som_a["distinct"] == som_b["distinct"] and torch.equal(som_a["generator"], som_b["generator"])
 
 
-@pytest.mark.parametrize("signal", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signal", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_a_signal_from_outside_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
         tmp_path, signal, straight):
     marker = tmp_path / "at_step_4"

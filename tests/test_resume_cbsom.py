@@ -10,7 +10,7 @@ COMMON = ["fit", "--config", "recipes/cbsom_digits.yaml", "--trainer.max_steps=3
           "--trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("mode", ["cb", "random"])
+@pytest.mark.parametrize("mode", [pytest.param("cb", marks=pytest.mark.slow), "random"])  # random: RNG state too
 def test_cbsom_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, mode):
     som = ("    - class_path: callbacks.self_organizing_map.SelfOrganizingMap\n"
            f"      init_args:\n        mode: {mode}\n        alpha0: 0.1\n        sigma_min: 1.0\n        seed: 5\n")
