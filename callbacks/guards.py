@@ -1,14 +1,21 @@
 """Run-safety callbacks shared by every recipe."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
+import subprocess
 import threading
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,9 +38,22 @@ class FiniteLossGuard(L.Callback):
                 "before the update: the last saved checkpoint is unchanged (lower the learning rate or check the data)")
 
 
-def _slurm_managed() -> bool:
-    """Under a SLURM batch job Lightning owns SIGUSR1 (checkpoint + requeue, ``SLURMEnvironment(auto_requeue)``)."""
-    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+def _requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this SLURM job (array-aware, as Lightning's own handler does); True when it worked."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job):
+        log.warning(f"SLURM job id {job!r} is not a job number; not requeued: resume by hand with --ckpt_path last")
+        return False
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except OSError as err:
+        result = err
+    if result != 0:
+        log.warning(f"scontrol requeue {job} failed ({result}); not requeued: resume by hand with --ckpt_path last")
+        return False
+    rank_zero_info(f"requeued SLURM job {job}; it resumes from the hpc checkpoint")
+    return True
 
 
 class RecipeCheckpoint(ModelCheckpoint):
@@ -42,26 +62,37 @@ class RecipeCheckpoint(ModelCheckpoint):
 
     * End of training: with step-based checkpointing the last steps (after the last multiple of
       ``every_n_train_steps``) are otherwise never written.  ``last.ckpt`` then points at the final checkpoint.
-    * Preemption: on SIGTERM (Lightning's own flag) or SIGUSR1 (outside SLURM, where Lightning leaves it unhandled),
-      the step in progress finishes, a checkpoint is written (after every callback's step work, e.g. the SOM update),
-      and the run stops; ``--ckpt_path last`` resumes it exactly (tested).  ``python -m recipes`` then exits 143.
-      Under gradient accumulation the run stops only after a micro-batch that ended with an optimizer step: stopping
-      in the middle would drop the gradients accumulated so far, which no checkpoint holds.
+    * Preemption: on SIGTERM (Lightning's own flag) or SIGUSR1, the step in progress finishes, a checkpoint is
+      written (after every callback's step work, e.g. the SOM update), and the run stops; ``--ckpt_path last``
+      resumes it exactly (tested).  ``python -m recipes`` then exits 143.  Under gradient accumulation the run stops
+      only after a micro-batch that ended with an optimizer step: stopping in the middle would drop the gradients
+      accumulated so far, which no checkpoint holds.
+    * SLURM (``SLURMEnvironment(auto_requeue=True)``, Lightning's default there): Lightning's own requeue handler
+      saves the moment the signal lands, which can be mid-backward or between accumulated micro-batches, so this
+      callback takes the requeue signal (SIGUSR1) instead and does the same at the next optimizer-step boundary:
+      it also writes Lightning's ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, requeues the job with ``scontrol
+      requeue`` and stops; the requeued job (same command, no ``--ckpt_path``) resumes from that file through
+      Lightning's own SLURM auto-resume.  SIGTERM under SLURM (preemption, ``scancel``) writes the hpc checkpoint
+      too but does not requeue (tested with a recording ``scontrol``).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._preempted, self._old_usr1 = False, None
-        if stage == "fit" and not _slurm_managed() and threading.current_thread() is threading.main_thread():
-            self._old_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+        self._preempted, self._requeue_asked, self._old_handler = False, False, None
+        env = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        self._slurm = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        self._signum = env.requeue_signal if self._slurm else signal.SIGUSR1
+        # Registered before Lightning's signal connector runs (setup hooks come first), which then leaves it alone.
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(self._signum, self._on_signal)
 
-    def _on_usr1(self, signum, frame) -> None:
-        self._preempted = True
+    def _on_signal(self, signum, frame) -> None:
+        self._preempted = self._requeue_asked = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._old_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._old_usr1)
-            self._old_usr1 = None
+        if self._old_handler is not None:
+            signal.signal(self._signum, self._old_handler)
+            self._old_handler = None
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step:
@@ -85,7 +116,19 @@ class RecipeCheckpoint(ModelCheckpoint):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             self._save_now(trainer)
+            if self._slurm:
+                self._save_for_requeue(trainer)
             raise SIGTERMException()
+
+    def _save_for_requeue(self, trainer: L.Trainer) -> None:
+        """Lightning's SLURM hand-over: ``hpc_ckpt_<n>.ckpt`` (auto-resumed by a job that sees it), then requeue."""
+        requeue = self._requeue_asked
+        if trainer.world_size > 1:
+            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        if requeue and trainer.is_global_zero:
+            _requeue_slurm_job()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:

@@ -198,7 +198,7 @@ def main(args: Optional[List[str]] = None) -> int:
         )
     except SIGTERMException:
         print("stopped by a preemption signal (SIGTERM/SIGUSR1) after saving a checkpoint; resume with "
-              "--ckpt_path last", file=sys.stderr)
+              "--ckpt_path last (a requeued SLURM job resumes by itself)", file=sys.stderr)
         return 143
     except USER_ERRORS as err:
         if debug:

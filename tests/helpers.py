@@ -176,6 +176,16 @@ try:
         def on_train_batch_end(self, trainer, *args, **kwargs):
             if trainer.global_step >= self.step and not os.path.exists(self.path):
                 open(self.path, "w").close()
+
+    class RecordStartStep(L.Callback):
+        """Test helper: write ``global_step`` at the start of training to ``path`` (0 unless the run resumed)."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def on_train_start(self, trainer, *args, **kwargs):
+            with open(self.path, "w") as f:
+                f.write(str(trainer.global_step))
 except ImportError:  # pragma: no cover
     pass
 

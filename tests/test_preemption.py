@@ -84,3 +84,44 @@ def test_a_signal_between_micro_batches_stops_after_the_optimizer_step(tmp_path,
     assert ckpt["global_step"] == 4
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 12
     resume_and_compare(tmp_path, "resumed", straight)
+
+
+def fake_slurm(tmp_path):
+    """The environment of a one-task SLURM batch step, with a ``scontrol`` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls.txt"}\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "recipes",
+            "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal, requeued", [("SIGUSR1", True), ("SIGTERM", False)])
+def test_under_slurm_the_requeue_signal_saves_at_a_step_boundary_requeues_and_the_requeued_job_resumes(
+        tmp_path, straight, signal, requeued):
+    """Lightning's own SLURM handler would save the moment SIGUSR1 lands (here: between micro-batches of step 4, so
+    the hpc checkpoint would hold step 3 plus half a step's loop progress).  The recipe saves after step 4, writes
+    Lightning's hpc checkpoint, calls ``scontrol requeue <job>`` (SIGUSR1 only) and stops; the same command run again
+    in the same SLURM environment (no --ckpt_path) resumes from that file and ends where an uninterrupted run ends."""
+    env = fake_slurm(tmp_path)
+    send = f"    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 11\n        signal: {signal}\n"
+    stopped = run_cli(args(tmp_path, "job", send), env=env)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    hpc = torch.load(tmp_path / "job" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["global_step"] == 4
+    assert hpc["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 12
+    calls = tmp_path / "scontrol_calls.txt"
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeued else [])
+
+    start = tmp_path / "start_step.txt"
+    record = f"    - class_path: tests.helpers.RecordStartStep\n      init_args:\n        path: {start}\n"
+    again = run_cli(args(tmp_path, "job", record), env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert start.read_text() == "4"  # resumed from the hpc checkpoint, not started over
+    b = last(tmp_path / "job")
+    assert b["global_step"] == STEPS
+    for key in straight["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], straight["state_dict"][key], rtol=0, atol=0, msg=key)
