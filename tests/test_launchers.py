@@ -78,22 +78,39 @@ def test_sbatch_script_derives_the_scale_and_keeps_the_recipes_strategy(tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_c10d_rendezvous_two_cpu_processes(tmp_path):
-    """The multi-node branch (c10d rendezvous at MASTER_ADDR:MASTER_PORT) with one node of 2 CPU processes."""
+def test_torchrun_launcher_across_two_nodes_equals_one_process(tmp_path):
+    """The multi-node branch: two launches of ``scripts/torchrun.sh 1`` with NNODES=2 meet at one c10d rendezvous
+    (two "nodes" of one CPU process each on this machine, so ``--trainer.num_nodes=2``) and train the same global
+    batches as one process; weights and Feasible Learning's multipliers end equal."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NNODES": "1",
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NNODES": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-c10d"}
-    out = tmp_path / "c10d"
-    proc = subprocess.run(["bash", "-x", str(ROOT / "scripts" / "torchrun.sh"), "2", "recipes/feasible_digits.yaml",
-                           "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--data.init_args.batch_size=32",
-                           "--trainer.enable_progress_bar=false", *run_dir_args(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--rdzv-endpoint=127.0.0.1:{port}" in proc.stderr and "--rdzv-backend=c10d" in proc.stderr  # bash -x
-    assert "MEMBER: 2/2" in proc.stderr
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 4
+    out = tmp_path / "two_nodes"
+    nodes = [subprocess.Popen(["bash", "-x", str(ROOT / "scripts" / "torchrun.sh"), "1",
+                               "recipes/feasible_digits.yaml", "--trainer.max_steps=8", "--trainer.accelerator=cpu",
+                               "--data.init_args.batch_size=32", "--trainer.enable_progress_bar=false",
+                               *run_dir_args(out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, logs):
+        assert node.returncode == 0, err[-3000:]
+        assert f"--rdzv-endpoint=127.0.0.1:{port}" in err and "--rdzv-backend=c10d" in err  # bash -x
+        assert "--trainer.num_nodes=2" in err and "--trainer.devices=1" in err
+    assert sorted(line.split("GLOBAL_RANK: ")[1][0] for _, err in logs for line in err.splitlines()
+                  if "GLOBAL_RANK: " in line) == ["0", "1"]
+    one = run_cli(["fit", "--config", "recipes/feasible_digits.yaml", "--trainer.max_steps=8",
+                   "--data.init_args.batch_size=64", "--trainer.enable_progress_bar=false",
+                   *run_dir_args(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False) for d in (out, tmp_path / "one"))
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+    lam = [next(v for k, v in c["callbacks"].items() if k.startswith("FeasibleLearning"))["lam"] for c in (a, b)]
+    assert int((lam[1] > 0).sum()) > 20
+    torch.testing.assert_close(lam[0], lam[1], rtol=1e-4, atol=1e-5)
