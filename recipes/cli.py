@@ -188,6 +188,9 @@ def _one_line(err: BaseException) -> str:
 def main(args: Optional[List[str]] = None) -> int:
     debug = os.environ.get("RECIPES_DEBUG") == "1"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # The method callbacks' epoch summaries (fl/*: multipliers identical on every rank; topo/*, samples/*: computed
+    # on rank 0) need no all-reduce, but Lightning suggests sync_dist=True for every epoch-level value under DDP.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(fl|topo|samples)/")
     try:
         RecipeCLI(
             L.LightningModule, L.LightningDataModule,
