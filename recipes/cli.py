@@ -179,6 +179,11 @@ def _one_line(err: BaseException) -> str:
             where = f"{where}.{inner.group(1)}" if where else inner.group(1)
             text = inner.group(2)
         text = f"{where}: {text}" if where else text
+    if "Does not validate against any of the Union subtypes" in text:  # a list-valued field (trainer.callbacks)
+        causes = [line[4:] for line in str(err).splitlines() if line.startswith("  - ")
+                  and not line.startswith(("  - Expected a <class 'NoneType'>", "  - Not a valid subclass"))]
+        text = " ".join(causes[0].split()) if causes else text
+    text = re.sub(r" - Problem with given class_path '[^']+': .*$", "", text)  # the same cause, said again
     text = re.sub(r" - Not a valid subclass of .*$", "", text)  # jsonargparse's list of accepted forms
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("Expected a ", "expected ")
     text = re.sub(r"( - expected [\w.\[\], ]+)+$", "", text)  # the other members of a Union it tried

@@ -171,3 +171,24 @@ def test_bad_feasible_learning_config_is_one_line(cls, init_args, extra, needle,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-1:]
     assert "Not a valid subclass" not in err[-1] and len(err[-1]) < 250
+
+
+CALLBACK_FLAGS = [
+    ("feasible_digits", ["--trainer.callbacks.init_args.dual_lr=0"], "FeasibleLearning dual_lr must be > 0, got 0.0"),
+    ("feasible_digits", ["--trainer.callbacks.init_args.epsilon=-1",
+                         "--trainer.callbacks.init_args.target_probability=null"],
+     "FeasibleLearning epsilon must be >= 0, got -1.0"),
+    ("feasible_digits", ["--trainer.callbacks.init_args.dual_lrr=1"], "Option 'dual_lrr' is not accepted"),
+    ("cbsom_digits", ["--trainer.callbacks.init_args.mode=kohonen"], "SOM mode 'kohonen' is unknown"),
+    ("cbsom_digits", ["--trainer.callbacks.init_args.alpha0=x"], "trainer.callbacks.alpha0: expected float"),
+]
+
+
+@pytest.mark.parametrize("recipe, extra, needle", CALLBACK_FLAGS, ids=[c[2][:30] for c in CALLBACK_FLAGS])
+def test_bad_method_callback_flag_is_one_line(recipe, extra, needle, tmp_path, capsys):
+    """The README's way to tune a method (--trainer.callbacks.init_args.X, which edits the last callback): a bad
+    value is one line naming it, not jsonargparse's dump of the whole callback list."""
+    code = main(["fit", "--config", f"recipes/{recipe}.yaml", *run_dir_args(tmp_path), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-1:]
+    assert "Namespace(" not in err[-1] and "class_path" not in err[-1] and len(err[-1]) < 200, err[-1]
