@@ -9,16 +9,28 @@
   ``train`` and a ``validation``/``test`` split), tokenised with ``tokenizer`` (a local HF tokenizer directory; no
   download) or, without one, as UTF-8 bytes.
 
+The datamodule decides the vocabulary (its tokenizer, ``meta.pkl``, ``vocab_size`` or the largest id) and the model
+takes it from there.
+
+Documents (``documents``): ``stream`` (default) draws windows anywhere in the token stream.  ``aligned`` starts
+every training window at a document start (or a ``seq_len`` chunk of a long document) with BOS at position 0, the FoX
+paper's protocol; ``packed`` fills each window with whole documents kept apart by segment ids (attention never
+crosses a boundary; see ``datamodules.text_documents``).  Document starts come from the data: the stdlib files,
+the rows of a Hugging Face dataset (a text column, or pre-tokenised ``input_ids`` arrays), or ``doc_sep_id`` in a
+token file.  BOS is ``bos_id``, else the tokenizer's (bytes: a new id 256, vocab 257), else ``doc_sep_id``.
+
 Training draws random windows of ``seq_len + 1`` tokens: sample ``i`` of the run is a pure function of
 ``(seed, i)``, and the sampler restarts from the trainer's step count, so a resumed run sees exactly the batches
 an uninterrupted run would.  Validation uses ``val_windows`` fixed windows ``eval_factor`` times longer than
-training, for the per-position (length-extrapolation) evaluation.
+training, for the per-position (length-extrapolation) evaluation (with documents: from document starts).
+
+Prediction (``predict``): ``prompts`` (a file, see ``datamodules.prompts``) encoded with the same tokenizer and
+batched with left padding; without it, the start of each validation window.
 """
 from __future__ import annotations
 
 import math
 import os
-import pickle
 import sysconfig
 from pathlib import Path
 from typing import Optional
@@ -28,11 +40,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from datamodules.prompts import PromptDataset, collate_prompts, read_prompts
 from datamodules.sampling import ResumableSampler, resume_position, world_of
+from datamodules.text_documents import DocumentStarts, DocumentWindows, split_starts, starts_from_separator
+from datamodules.text_tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, char_meta
+
+DOCUMENT_MODES = ("stream", "aligned", "packed")
 
 
-def stdlib_bytes(max_bytes: Optional[int] = None) -> np.ndarray:
-    """The standard library's ``.py`` files (sorted by path, site-packages excluded) concatenated as bytes."""
+def stdlib_bytes(max_bytes: Optional[int] = None, with_starts: bool = False):
+    """The standard library's ``.py`` files (sorted by path, site-packages excluded) concatenated as bytes (and, with
+    ``with_starts``, the offset where each file starts: the documents)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks, total = [], 0
     for f in sorted(root.rglob("*.py")):
@@ -46,7 +64,11 @@ def stdlib_bytes(max_bytes: Optional[int] = None) -> np.ndarray:
     if not chunks:
         raise FileNotFoundError(f"no .py files under the standard library at {root}")
     out = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-    return out[:max_bytes] if max_bytes is not None else out
+    out = out[:max_bytes] if max_bytes is not None else out
+    if not with_starts:
+        return out
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]]).astype(np.int64)
+    return out, starts[starts < len(out)]
 
 
 class RandomWindows(Dataset):
@@ -100,6 +122,10 @@ class TextDataModule(L.LightningDataModule):
         max_bytes: Optional[int] = None,
         seed: int = 1234,
         num_workers: int = 0,
+        documents: str = "stream",
+        doc_sep_id: Optional[int] = None,
+        bos_id: Optional[int] = None,
+        prompts: Optional[str] = None,
     ):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_factor", eval_factor),
@@ -116,17 +142,69 @@ class TextDataModule(L.LightningDataModule):
         if tokenizer is not None and not os.path.isdir(tokenizer):
             raise FileNotFoundError(f"tokenizer path {tokenizer!r} is not a directory; expected a local Hugging Face "
                                     "tokenizer (save_pretrained output)")
-        self.save_hyperparameters()
+        if documents not in DOCUMENT_MODES:
+            raise ValueError(f"data.documents={documents!r}; expected one of {', '.join(DOCUMENT_MODES)}")
+        # Not merged into the model's hparams for logging: the model's vocab_size means "embedding rows, None = from
+        # the data" and may differ from this one on purpose.  Both are in the saved config.yaml.
+        self.save_hyperparameters(logger=False)
         self.path, self.seq_len, self.batch_size, self.seed = path, seq_len, batch_size, seed
         self.eval_seq_len = seq_len * eval_factor
         self.train_tokens: Optional[np.ndarray] = None
         self.val_tokens: Optional[np.ndarray] = None
-        self.vocab_size: Optional[int] = vocab_size if path is not None else 256
+        self.train_starts: Optional[np.ndarray] = None  # document starts, when the data has documents
+        self.val_starts: Optional[np.ndarray] = None
         if path is not None and not (self._is_hf_dataset(path) or self._memmap_files(path)):
             raise ValueError(f"data path {path!r} is neither a .bin token file, a directory with train.bin/val.bin, "
                              "nor a saved Hugging Face dataset")
+        self.prompt_texts = read_prompts(prompts) if prompts is not None else None
+        self.tokenizer = self._tokenizer()
+        self.vocab_size: Optional[int] = self.tokenizer.vocab_size if self.tokenizer is not None else vocab_size
         if self.vocab_size is None:
             self._load()  # the model needs the vocabulary size before it is built
+        self.bos_id = self._bos_id()
+        if self.prompt_texts is not None:
+            if self.tokenizer is None:
+                raise ValueError("data.prompts needs a tokenizer to encode the prompts: set data.tokenizer (a local "
+                                 "Hugging Face tokenizer folder) or put nanoGPT's meta.pkl beside the token file")
+            for text in self.prompt_texts:
+                self.tokenizer.encode(text)  # a character outside the vocabulary fails here, in one line
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _tokenizer(self):
+        hp = self.hparams
+        if hp.tokenizer is not None:
+            return HFTokenizer(hp.tokenizer)
+        if self.path is None or self._is_hf_dataset(self.path):
+            return ByteTokenizer(with_bos=hp.documents != "stream" and hp.bos_id is None)
+        meta = char_meta(Path(self._memmap_files(self.path)[0]).parent)
+        return CharTokenizer(meta) if meta and "stoi" in meta and "itos" in meta else None
+
+    def _bos_id(self) -> Optional[int]:
+        hp = self.hparams
+        bos = hp.bos_id
+        if bos is None and self.tokenizer is not None:
+            bos = self.tokenizer.bos_id
+        if bos is None:
+            bos = hp.doc_sep_id
+        if hp.documents != "stream" and bos is None:
+            raise ValueError(f"data.documents={hp.documents!r} puts BOS at every document start; set data.bos_id "
+                             "(this data's tokenizer has none)")
+        if bos is not None and self.vocab_size is not None and not 0 <= bos < self.vocab_size:
+            raise ValueError(f"data.bos_id={bos} is outside the vocabulary [0, {self.vocab_size})")
+        return bos
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return None if self.tokenizer is None else self.tokenizer.eos_id
+
+    def encode(self, text: str):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        """Text of token ids (the ids themselves, space-separated, for a token file without a tokenizer)."""
+        if self.tokenizer is None:
+            return " ".join(str(int(i)) for i in ids)
+        return self.tokenizer.decode(ids)
 
     # ----------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -143,8 +221,10 @@ class TextDataModule(L.LightningDataModule):
             return [p / "train.bin", p / "val.bin"]
         return None
 
-    def _split(self, tokens: np.ndarray):
+    def _split(self, tokens: np.ndarray, starts: Optional[np.ndarray] = None):
         cut = int(len(tokens) * (1 - self.hparams.val_fraction))
+        if starts is not None:
+            self.train_starts, self.val_starts = split_starts(starts, cut)
         return tokens[:cut], tokens[cut:]
 
     def _load(self) -> None:
@@ -152,20 +232,26 @@ class TextDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if self.path is None:
-            self.train_tokens, self.val_tokens = self._split(stdlib_bytes(hp.max_bytes))
+            tokens, starts = stdlib_bytes(hp.max_bytes, with_starts=True)
+            self.train_tokens, self.val_tokens = self._split(tokens, starts)
         elif self._is_hf_dataset(self.path):
             self._load_hf()
         else:
             files = self._memmap_files(self.path)
             arrays = [np.memmap(f, dtype=np.dtype(hp.dtype), mode="r") for f in files]
-            self.train_tokens, self.val_tokens = self._split(arrays[0]) if len(arrays) == 1 else arrays
+            if len(arrays) == 1:
+                starts = None if hp.doc_sep_id is None else starts_from_separator(arrays[0], hp.doc_sep_id)
+                self.train_tokens, self.val_tokens = self._split(arrays[0], starts)
+            else:
+                self.train_tokens, self.val_tokens = arrays
+                if hp.doc_sep_id is not None:
+                    self.train_starts, self.val_starts = (starts_from_separator(a, hp.doc_sep_id) for a in arrays)
             if self.vocab_size is None:
-                meta = Path(files[0]).parent / "meta.pkl"
-                if meta.exists():
-                    with open(meta, "rb") as fh:
-                        self.vocab_size = int(pickle.load(fh)["vocab_size"])
-                else:
-                    self.vocab_size = int(max(a.max() for a in arrays)) + 1
+                meta = char_meta(Path(files[0]).parent)
+                self.vocab_size = (int(meta["vocab_size"]) if meta else int(max(a.max() for a in arrays)) + 1)
+        if hp.documents != "stream" and self.train_starts is None:
+            raise ValueError(f"data.documents={hp.documents!r} needs document boundaries: set data.doc_sep_id (the "
+                             "id that ends every document in the token file)")
         self._check_lengths()
 
     def _load_hf(self) -> None:
@@ -181,28 +267,28 @@ class TextDataModule(L.LightningDataModule):
             parts = [ds["train"], ds[val_name]]
         else:
             parts = [ds]
+        pretokenised = all("input_ids" in part.column_names for part in parts) and hp.text_key not in \
+            parts[0].column_names
         for part in parts:
-            if hp.text_key not in part.column_names:
+            if not pretokenised and hp.text_key not in part.column_names:
                 raise ValueError(f"dataset at {self.path!r} has no column {hp.text_key!r} (columns: "
-                                 f"{part.column_names}); set data.text_key")
-        encode, eos, self.vocab_size = self._encoder()
-        streams = []
+                                 f"{part.column_names}); set data.text_key, or give per-document 'input_ids'")
+        eos = [] if self.eos_id is None else [self.eos_id]
+        streams, all_starts = [], []
         for part in parts:
-            ids = []
-            for text in part[hp.text_key]:
-                ids.extend(encode(text))
-                ids.extend(eos)
-            streams.append(np.asarray(ids, dtype=np.uint32 if self.vocab_size > 65535 else np.uint16))
-        self.train_tokens, self.val_tokens = self._split(streams[0]) if len(streams) == 1 else streams
-
-    def _encoder(self):
-        if self.hparams.tokenizer is None:
-            return (lambda text: list(text.encode("utf-8"))), [], 256
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.hparams.tokenizer, local_files_only=True)
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return (lambda text: tok.encode(text, add_special_tokens=False)), eos, len(tok)
+            docs = part["input_ids"] if pretokenised else (self.tokenizer.encode(t) + eos for t in part[hp.text_key])
+            ids, starts = [], []
+            for doc in docs:  # each row is a document
+                starts.append(len(ids))
+                ids.extend(int(i) for i in doc)
+            if pretokenised and self.vocab_size is None:
+                self.vocab_size = max(ids) + 1
+            streams.append(np.asarray(ids, dtype=np.uint32 if max(ids, default=0) > 65535 else np.uint16))
+            all_starts.append(np.asarray(starts, dtype=np.int64))
+        if len(streams) == 1:
+            self.train_tokens, self.val_tokens = self._split(streams[0], all_starts[0])
+        else:
+            (self.train_tokens, self.val_tokens), (self.train_starts, self.val_starts) = streams, all_starts
 
     def _check_lengths(self) -> None:
         need_train, need_val = self.seq_len + 2, self.eval_seq_len + 1
@@ -232,7 +318,11 @@ class TextDataModule(L.LightningDataModule):
         length = (epochs or 1) * batches * self.batch_size * world
         start_epoch, consumed = resume_position(trainer, batches)  # resume: skip what was already consumed
         skip = consumed * self.batch_size
-        dataset = RandomWindows(self.train_tokens, self.seq_len, self.seed, length)
+        if hp.documents == "stream":
+            dataset = RandomWindows(self.train_tokens, self.seq_len, self.seed, length)
+        else:
+            dataset = DocumentWindows(self.train_tokens, self.train_starts, self.seq_len, self.bos_id, self.seed,
+                                      length, packed=hp.documents == "packed")
         sampler = ResumableSampler(dataset, world, rank, batches * self.batch_size, skip, start_epoch)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
@@ -242,13 +332,24 @@ class TextDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """Prompts: the first ``seq_len`` tokens of each validation window."""
-        ds = FixedWindows(self.val_tokens, self.seq_len - 1, self.hparams.val_windows)
-        return DataLoader(ds, batch_size=self.hparams.val_batch_size or self.batch_size)
+        """Prompts from ``prompts`` (encoded with the data's tokenizer, BOS first with documents), else the first
+        ``seq_len // 2`` tokens of each validation window; batches are left-padded (``datamodules.prompts``)."""
+        hp = self.hparams
+        bos = self.bos_id if hp.documents != "stream" else None
+        if self.prompt_texts is not None:
+            ds = PromptDataset(self.prompt_texts, self.encode, bos)
+        else:
+            self._load()
+            windows = FixedWindows(self.val_tokens, max(1, self.seq_len // 2) - 1, hp.val_windows)
+            ds = PromptDataset.from_ids([torch.cat([x, y[-1:]]).tolist() for x, y in windows], self.decode)
+        return DataLoader(ds, batch_size=hp.val_batch_size or self.batch_size, collate_fn=collate_prompts)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
-        ds = FixedWindows(self.val_tokens, self.eval_seq_len, hp.val_windows)
+        if hp.documents == "stream":
+            ds = FixedWindows(self.val_tokens, self.eval_seq_len, hp.val_windows)
+        else:
+            ds = DocumentStarts(self.val_tokens, self.val_starts, self.eval_seq_len, self.bos_id, hp.val_windows)
         world, rank = self._world()
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return DataLoader(ds, batch_size=hp.val_batch_size or max(1, self.batch_size // hp.eval_factor),

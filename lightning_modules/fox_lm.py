@@ -9,7 +9,19 @@ than training (from the datamodule) and gives
 * ``gates/*``: per layer and head, mean ``log f``, fraction of tokens with ``f > 0.9`` and the decay time
   ``-1 / mean log f`` on in-length validation tokens.
 
-``self.analysis`` keeps the full curves for ``callbacks.fox_report.FoXReport``, which writes PNG + CSV.
+``self.analysis`` keeps the full curves for ``callbacks.fox_report.FoXReport``, which writes PNG + CSV.  With
+document batches ``(x, y, segment_ids)`` attention stays inside each document, padded targets (``-100``) are not
+trained, and positions count from each document's start.
+
+Sizes decided by the data (the vocabulary, the training length) are taken from the datamodule when the model is
+built and recorded in the checkpoint (``checkpoint["fox_lm"]``), never written back into the init arguments, so the
+hyperparameters of a checkpoint are what the user passed.  ``ARCHITECTURE`` names the init arguments that shape the
+state dict: with a checkpoint file the CLI takes those from the checkpoint and everything else (optimisation,
+attention backend, generation settings) from the command line.
+
+``predict`` generates: each batch of left-padded prompts is continued with ``layers.generation`` (greedy at
+``temperature=0``, else transformers' temperature / top-k / top-p warpers, seeded, stopping at the tokenizer's EOS)
+and decoded with the datamodule's tokenizer; ``callbacks.text_generation.CompletionWriter`` writes the JSONL.
 """
 from __future__ import annotations
 
@@ -22,6 +34,10 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from lightning_modules.fox_model import FoXConfig, FoXTransformer
+from lightning_modules.layers.forgetting_attention import segment_starts
+from lightning_modules.layers.generation import SamplingConfig, generate
+
+IGNORE_INDEX = -100
 
 
 class PositionalLoss(Metric):
@@ -34,10 +50,21 @@ class PositionalLoss(Metric):
         self.add_state("total", torch.zeros(length, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(length, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, token_loss: torch.Tensor) -> None:  # (B, T)
-        t = token_loss.shape[1]
-        self.total[:t] += token_loss.detach().double().sum(0)
-        self.count[:t] += token_loss.shape[0]
+    def update(self, token_loss: torch.Tensor, positions: Optional[torch.Tensor] = None,
+               valid: Optional[torch.Tensor] = None) -> None:
+        """``token_loss`` ``(B, T)``; ``positions``: each token's index in its document (default: in the window);
+        ``valid``: which targets count (default: all)."""
+        if positions is None and valid is None:
+            t = token_loss.shape[1]
+            self.total[:t] += token_loss.detach().double().sum(0)
+            self.count[:t] += token_loss.shape[0]
+            return
+        if positions is None:
+            positions = torch.arange(token_loss.shape[1], device=token_loss.device).expand_as(token_loss)
+        keep = (positions < self.total.shape[0]) if valid is None else valid & (positions < self.total.shape[0])
+        pos = positions[keep]
+        self.total.index_add_(0, pos, token_loss.detach().double()[keep])
+        self.count.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp_min(1)
@@ -54,11 +81,14 @@ class GateStats(Metric):
         self.add_state("n_open", torch.zeros(n_layers, n_heads, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, log_fs: List[torch.Tensor]) -> None:  # each (B, T, H)
+    def update(self, log_fs: List[torch.Tensor], keep: Optional[torch.Tensor] = None) -> None:
+        """``log_fs``: per layer ``(B, T, H)``; ``keep``: ``(B, T)`` tokens to count (default: all)."""
         stacked = torch.stack([lf.double() for lf in log_fs])  # (L, B, T, H)
-        self.sum_log_f += stacked.sum((1, 2))
-        self.n_open += (stacked > math.log(0.9)).double().sum((1, 2))
-        self.n += stacked.shape[1] * stacked.shape[2]
+        w = torch.ones(stacked.shape[1:3], dtype=torch.float64, device=stacked.device) if keep is None \
+            else keep.double()
+        self.sum_log_f += (stacked * w[None, :, :, None]).sum((1, 2))
+        self.n_open += ((stacked > math.log(0.9)).double() * w[None, :, :, None]).sum((1, 2))
+        self.n += w.sum()
 
     def compute(self):
         mean = self.sum_log_f / self.n.clamp_min(1)
@@ -104,10 +134,15 @@ class FoXLM(L.LightningModule):
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
         train_seq_len: Optional[int] = None,
-        predict_new_tokens: int = 64,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+        sample_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, sample_seed)  # checks the values
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:
@@ -118,8 +153,14 @@ class FoXLM(L.LightningModule):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.model: Optional[FoXTransformer] = None
         self.analysis: dict = {}
+        self.vocab_size: Optional[int] = None  # the size the network was built with
+        self.train_seq_len: Optional[int] = train_seq_len
         if vocab_size is not None:  # otherwise built in configure_model once the datamodule is known
             self._build(vocab_size)
+
+    #: the init arguments that shape the network's state dict (see the module docstring)
+    ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "block", "hidden_ratio", "mlp_multiple_of",
+                    "fgate", "rope", "rope_base", "qk_norm_share_across_heads", "train_seq_len")
 
     # ---------------------------------------------------------------------------------------------------------
     def _config(self, vocab_size: int) -> FoXConfig:
@@ -134,36 +175,63 @@ class FoXLM(L.LightningModule):
     def _build(self, vocab_size: int) -> None:
         self.model = FoXTransformer(self._config(vocab_size))
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
-        self.hparams.vocab_size = vocab_size
+        self.vocab_size = vocab_size
 
     def _datamodule_value(self, name: str):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(dm, name, None)
 
     def configure_model(self) -> None:
-        if self.model is None:
-            vocab = self._datamodule_value("vocab_size")
-            if vocab is None:
-                raise ValueError("model.vocab_size is unset and the datamodule does not provide vocab_size")
-            self._build(int(vocab))
         dm_vocab = self._datamodule_value("vocab_size")
-        if dm_vocab is not None and dm_vocab > self.hparams.vocab_size:
-            raise ValueError(f"model.vocab_size={self.hparams.vocab_size} is smaller than the data's vocabulary "
-                             f"({dm_vocab}); set it to >= {dm_vocab} or leave it unset")
-        if self.hparams.train_seq_len is None:
-            self.hparams.train_seq_len = self._datamodule_value("seq_len")
+        if self.model is None:
+            if self._trainer is None:  # FoXLM.load_from_checkpoint: built from the checkpoint's record next
+                return
+            if dm_vocab is None:
+                raise ValueError("model.vocab_size is unset and the datamodule does not provide vocab_size")
+            self._build(int(dm_vocab))
+        if dm_vocab is not None and dm_vocab > self.vocab_size:
+            raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the data's vocabulary "
+                             f"(data vocab_size {dm_vocab}); set it to >= {dm_vocab} or leave it unset")
+        if self.train_seq_len is None:
+            self.train_seq_len = self._datamodule_value("seq_len")
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fox_lm"] = {"vocab_size": self.vocab_size, "train_seq_len": self.train_seq_len}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Build (or check) the network from the sizes the checkpoint was trained with."""
+        facts = checkpoint.get("fox_lm") or {"vocab_size": checkpoint.get("hyper_parameters", {}).get("vocab_size"),
+                                             "train_seq_len": checkpoint.get("hyper_parameters", {})
+                                             .get("train_seq_len")}
+        vocab = facts.get("vocab_size")
+        if vocab is not None:
+            if self.model is None:
+                self._build(int(vocab))
+            elif self.vocab_size != vocab:
+                raise ValueError(f"the checkpoint's model has a vocabulary of {vocab} tokens but this run's data has "
+                                 f"{self.vocab_size} (data vocab_size / tokenizer); evaluate it on data with the "
+                                 "tokenizer it was trained with")
+        if facts.get("train_seq_len") is not None and self.hparams.train_seq_len is None:
+            self.train_seq_len = int(facts["train_seq_len"])
+
+    def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(idx, segment_ids=segment_ids)
 
     # ---------------------------------------------------------------------------------------------------------
-    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    @staticmethod
+    def _unpack(batch):
+        """``(x, y)`` (a token stream) or ``(x, y, segment_ids)`` (documents)."""
+        return (batch[0], batch[1], batch[2] if len(batch) > 2 else None)
+
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
+        logits = self.model(x, segment_ids=segment_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                               ignore_index=IGNORE_INDEX).view_as(y)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.token_losses(x, y).mean()
+        x, y, seg = self._unpack(batch)
+        tok = self.token_losses(x, y, seg)
+        loss = tok.mean() if seg is None else tok.sum() / (y != IGNORE_INDEX).sum().clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
@@ -174,7 +242,7 @@ class FoXLM(L.LightningModule):
         self._start_eval()
 
     def _start_eval(self) -> None:
-        eval_len = self._datamodule_value("eval_seq_len") or self.hparams.train_seq_len
+        eval_len = self._datamodule_value("eval_seq_len") or self.train_seq_len
         if eval_len is None:
             raise ValueError("cannot size the per-position evaluation: set model.train_seq_len or use a datamodule "
                              "with seq_len / eval_seq_len")
@@ -191,13 +259,25 @@ class FoXLM(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch, split: str) -> None:
-        x, y = batch
-        train_len = self.hparams.train_seq_len or x.shape[1]
-        tok = self.token_losses(x, y)
-        self.pos_loss.update(tok)
-        self.log(f"{split}/loss", tok[:, :train_len].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
-        if self.model.cfg.fgate != "none":
-            self.gate_stats.update([blk.attn.last_log_f[:, :train_len] for blk in self.model.blocks])
+        x, y, seg = self._unpack(batch)
+        train_len = self.train_seq_len or x.shape[1]
+        tok = self.token_losses(x, y, seg)
+        if seg is None:
+            self.pos_loss.update(tok)
+            in_length = tok[:, :train_len].mean()
+            keep = None
+            gates = [blk.attn.last_log_f[:, :train_len] for blk in self.model.blocks] \
+                if self.model.cfg.fgate != "none" else None
+        else:  # positions from each document's start; padding not counted
+            positions = torch.arange(x.shape[1], device=x.device) - segment_starts(seg)
+            valid = y != IGNORE_INDEX
+            self.pos_loss.update(tok, positions, valid)
+            keep = valid & (positions < train_len)
+            in_length = (tok * keep).sum() / keep.sum().clamp_min(1)
+            gates = [blk.attn.last_log_f for blk in self.model.blocks] if self.model.cfg.fgate != "none" else None
+        self.log(f"{split}/loss", in_length, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if gates is not None:
+            self.gate_stats.update(gates, keep)
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val")
@@ -206,16 +286,31 @@ class FoXLM(L.LightningModule):
         self._end_eval("test")
 
     def predict_step(self, batch, batch_idx):
-        """Greedy continuation of each prompt (the datamodule's predict windows); returns prompt + new tokens."""
-        prompt = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.model.generate(prompt, self.hparams.predict_new_tokens, temperature=0.0)
+        """Continue each prompt of a left-padded batch (``datamodules.prompts.collate_prompts``); returns one record
+        per prompt: ``index, prompt, completion, tokens, seconds`` (the batch's generation time) and the new ids."""
+        import time
+
+        if not isinstance(batch, dict) or "tokens" not in batch:
+            raise ValueError("FoXLM.predict_step needs prompt batches ({'tokens', 'segment_ids', ...}) from a text "
+                             "datamodule's predict_dataloader")
+        generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed * 1_000_003 + batch_idx)
+        eos = self._datamodule_value("eos_id")
+        start = time.perf_counter()
+        new = generate(self.model.generation_step, batch["tokens"], batch["segment_ids"], self.sampling,
+                       eos_id=eos, generator=generator)
+        seconds = time.perf_counter() - start
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        decode = getattr(dm, "decode", None) or (lambda ids: " ".join(map(str, ids)))
+        return [{"index": int(i), "prompt": p, "completion": decode(ids), "tokens": len(ids),
+                 "seconds": round(seconds, 4), "token_ids": ids}
+                for i, p, ids in zip(batch["index"].tolist(), batch["prompt"], new)]
 
     def _end_eval(self, split: str) -> None:
         for blk in self.model.blocks:
             blk.attn.record_gates, blk.attn.last_log_f = False, None
         curve = self.pos_loss.compute()
         have = int((self.pos_loss.count > 0).sum())
-        train_len = self.hparams.train_seq_len or have
+        train_len = self.train_seq_len or have
         bins = position_bins(train_len, have)
         for a, b in bins:
             self.log(f"{split}/loss_{a}_{b}", curve[a:b].mean().float(), sync_dist=False)

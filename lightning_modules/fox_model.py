@@ -9,6 +9,10 @@ One code path builds FoX and its baselines by flags (spec ``shared/specs/fox.md`
 
 Gate math is fp32: ``log f = logsigmoid(logit.float())`` and the cumulative sum happens inside
 ``forgetting_attention``.  Decoding keeps a per-layer cache of keys, values, log gates and the token-shift states.
+
+Documents: ``segment_ids`` ``(B, T)`` (all positions so far, cache included) keeps packed documents -- or the
+padding and the prompt of a left-padded row -- apart: attention stays inside a run of equal ids and the token shift
+restarts at every run start, so each document's outputs are those it would have alone.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.layers.forgetting_attention import forgetting_attention
+from lightning_modules.layers.generation import SamplingConfig, generate, left_pad
 from lightning_modules.layers.mlp import SwiGLU, swiglu_hidden_size
 from lightning_modules.layers.norms import HeadRMSNorm, at_least_fp32
 from lightning_modules.layers.rotary import RotaryEmbedding
@@ -130,14 +135,15 @@ class ForgettingAttentionLayer(nn.Module):
             return F.logsigmoid(at_least_fp32(self.fgate_proj(x)))
         return F.logsigmoid(at_least_fp32(self.fgate_bias)).expand(x.shape[0], x.shape[1], -1)
 
-    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False,
+                segment_ids: Optional[torch.Tensor] = None, resets: Optional[torch.Tensor] = None):
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         k_raw, v_raw = k, v
         if self.cfg.pro:
-            k = self.k_shift(x, k, None if cache is None else cache.k_prev)
-            v = self.v_shift(x, v, None if cache is None else cache.v_prev)
+            k = self.k_shift(x, k, None if cache is None else cache.k_prev, resets)
+            v = self.v_shift(x, v, None if cache is None else cache.v_prev, resets)
             q, k = self.q_norm(q), self.k_norm(k)
         offset = 0 if cache is None else cache.length
         if self.rotary is not None:
@@ -151,7 +157,8 @@ class ForgettingAttentionLayer(nn.Module):
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             if log_f is not None:
                 log_f = torch.cat([cache.log_f, log_f], dim=2)
-        o = forgetting_attention(q, k, v, log_f, backend=self.cfg.attn_backend, block_size=self.cfg.attn_block_size)
+        o = forgetting_attention(q, k, v, log_f, backend=self.cfg.attn_backend, block_size=self.cfg.attn_block_size,
+                                 segment_ids=segment_ids)
         o = o.transpose(1, 2)  # (B, T, H, D)
         if self.cfg.pro:
             o = self.o_norm(o) * torch.sigmoid(self.g_proj(x)).view(shape)
@@ -172,8 +179,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.mlp = SwiGLU(cfg.d_model, swiglu_hidden_size(cfg.d_model, cfg.hidden_ratio, cfg.mlp_multiple_of))
 
-    def forward(self, x, cache=None, use_cache=False):
-        a, new_cache = self.attn(self.attn_norm(x), cache, use_cache)
+    def forward(self, x, cache=None, use_cache=False, segment_ids=None, resets=None):
+        a, new_cache = self.attn(self.attn_norm(x), cache, use_cache, segment_ids, resets)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), new_cache
 
@@ -205,46 +212,45 @@ class FoXTransformer(nn.Module):
                 with torch.no_grad():
                     blk.attn.fgate_bias.copy_(bias)
 
-    def forward(self, idx: torch.Tensor, caches: Optional[List[LayerCache]] = None, use_cache: bool = False):
-        """``idx``: ``(B, T)`` token ids -> ``(B, T, vocab)`` logits (and the new caches when ``use_cache``)."""
+    def forward(self, idx: torch.Tensor, caches: Optional[List[LayerCache]] = None, use_cache: bool = False,
+                segment_ids: Optional[torch.Tensor] = None):
+        """``idx``: ``(B, T)`` token ids -> ``(B, T, vocab)`` logits (and the new caches when ``use_cache``).
+
+        ``segment_ids``: ``(B, cached + T)`` document labels of every position so far (see the module docstring)."""
         x = self.embed(idx)
+        resets = None
+        if segment_ids is not None:
+            t, total = idx.shape[1], segment_ids.shape[1]
+            if total != t + (0 if caches is None else caches[0].length):
+                raise ValueError(f"segment_ids covers {total} positions; expected the cached and new tokens "
+                                 f"({t + (0 if caches is None else caches[0].length)})")
+            prev = torch.cat([segment_ids[:, :1] - 1, segment_ids[:, :-1]], dim=1)  # position 0 starts a run
+            resets = (segment_ids != prev)[:, total - t:]
         new_caches = []
         for i, blk in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if self.activation_checkpointing and self.training and not use_cache:
-                x, c = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x, c = torch.utils.checkpoint.checkpoint(blk, x, None, False, segment_ids, resets,
+                                                         use_reentrant=False)
             else:
-                x, c = blk(x, cache, use_cache)
+                x, c = blk(x, cache, use_cache, segment_ids, resets)
             new_caches.append(c)
         logits = self.lm_head(self.norm(x))
         return (logits, new_caches) if use_cache else logits
 
+    def generation_step(self, tokens: torch.Tensor, segment_ids: torch.Tensor, caches):
+        """``layers.generation``'s step: next-token logits of the newest position, and the caches."""
+        logits, caches = self(tokens, caches, use_cache=True, segment_ids=segment_ids)
+        return logits[:, -1], caches
+
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Greedy (``temperature=0``) or sampled continuation of ``idx`` ``(B, T)``; returns ``(B, T + new)``."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        caches = None
-        out = idx
-        for _ in range(max_new_tokens):
-            if use_cache:
-                step_in = out if caches is None else out[:, -1:]
-                logits, caches = self(step_in, caches, use_cache=True)
-            else:
-                logits = self(out)
-            logits = logits[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            out = torch.cat([out, nxt], dim=1)
-        return out
+    def generate(self, prompts, config: SamplingConfig, eos_id: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> List[List[int]]:
+        """New tokens for each prompt (a list of token-id lists, any lengths: left-padded into one batch)."""
+        tokens, segments = left_pad(prompts)
+        device = self.lm_head.weight.device
+        return generate(self.generation_step, tokens.to(device), segments.to(device), config, eos_id=eos_id,
+                        use_cache=use_cache, generator=generator)
 
     def param_groups(self, weight_decay: float):
         """AdamW groups: matrices and embeddings decayed; biases, norm weights and gate biases not."""

@@ -205,3 +205,137 @@ def test_gpu_backends_match_dense(backend, t):
     got = value_and_grads(lambda *a: forgetting_attention(*a, backend=backend), q, k, v, log_f)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# documents: packed sequences and left padding through every backend
+# ---------------------------------------------------------------------------------------------------------------
+from lightning_modules.layers.forgetting_attention import (  # noqa: E402
+    choose_backend, cu_seqlens_from_starts, segment_starts)
+
+
+def naive_segments(q, k, v, log_f, scale, seg):
+    """Straight from the definition, one document at a time: keys of the query's own run, causally."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for i in range(tq):
+            pos = i + tk - tq
+            js = [j for j in range(pos + 1) if all(seg[bi, m] == seg[bi, pos] for m in range(j, pos + 1))]
+            logits = torch.stack([(q[bi, :, i] * k[bi, :, j]).sum(-1) * scale + log_f[bi, :, j + 1:pos + 1].sum(-1)
+                                  for j in js], -1)
+            out[bi, :, i] = (torch.softmax(logits, -1)[..., None] * v[bi, :, js]).sum(1)
+    return out
+
+
+SEGMENTS = [  # (B, H, Tq, Tk, D, block, segment ids of each row)
+    (2, 2, 13, 13, 8, 4, [[0] * 5 + [1] * 3 + [2] * 5, [7] * 2 + [3] * 11]),   # packed documents
+    (2, 2, 19, 19, 8, 8, [[0] * 6 + [1] * 13, [1] * 19]),                        # a left-padded row and a full one
+    (1, 2, 6, 21, 8, 4, [[0] * 4 + [1] * 9 + [0] * 8]),                          # queries = last 6 (a decode chunk)
+    (2, 1, 40, 40, 16, 256, [[i // 7 for i in range(40)], [0] * 40]),           # one block, many documents
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", SEGMENTS, ids=lambda c: "x".join(map(str, c[:6])))
+def test_documents_match_the_naive_loop_fp64(backend, case):
+    b, h, tq, tk, d, block, seg = case
+    seg = torch.tensor(seg)
+    q, k, v, log_f = inputs(b, h, tq, tk, d, seed=3)
+    ref = value_and_grads(lambda *a: naive_segments(*a, 1 / math.sqrt(d), seg), q, k, v, log_f)
+    got = value_and_grads(lambda *a: forgetting_attention(*a, backend=backend, block_size=block, segment_ids=seg),
+                          q, k, v, log_f)
+    for name, r, g in zip(["out", "dq", "dk", "dv", "dlog_f"], ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_documents_equal_documents_one_by_one(backend):
+    """Three documents packed in one row give each document's own outputs and gradients (float64)."""
+    lengths = [9, 30, 17]
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    q, k, v, log_f = inputs(1, 2, sum(lengths), sum(lengths), 16, seed=4)
+    packed = value_and_grads(lambda *a: forgetting_attention(*a, backend=backend, block_size=8, segment_ids=seg),
+                             q, k, v, log_f)
+    lo = 0
+    for n in lengths:
+        parts = [t.detach()[..., lo:lo + n, :].clone().requires_grad_() for t in (q, k, v)]
+        lf = log_f.detach()[..., lo:lo + n].clone().requires_grad_()
+        # the upstream gradient of value_and_grads depends on the element index: recompute it for the slice
+        out = forgetting_attention(*parts, lf, backend=backend, block_size=8)
+        w = torch.sin(torch.arange(q.numel(), dtype=q.dtype)).view_as(q)[..., lo:lo + n, :]
+        alone = [out.detach(), *torch.autograd.grad((out * w).sum(), [*parts, lf])]
+        for name, a, p in zip(["out", "dq", "dk", "dv", "dlog_f"], alone, packed):
+            torch.testing.assert_close(p[..., lo:lo + n, :] if p.dim() == 4 else p[..., lo:lo + n], a,
+                                       rtol=1e-10, atol=1e-11, msg=f"{backend} {name}")
+        lo += n
+
+
+def test_segment_starts_and_cu_seqlens():
+    seg = torch.tensor([[0, 0, 1, 1, 1, 0], [5, 5, 5, 5, 5, 5]])
+    assert segment_starts(seg).tolist() == [[0, 0, 2, 2, 2, 5], [0, 0, 0, 0, 0, 0]]
+    assert cu_seqlens_from_starts(segment_starts(seg)).tolist() == [0, 2, 5, 6, 12]
+
+
+def test_no_gate_with_documents_is_masked_sdpa():
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    q, k, v, _ = inputs(1, 2, 7, 7, 8)
+    out = forgetting_attention(q, k, v, None, segment_ids=seg)
+    zero = torch.zeros(1, 2, 7, dtype=torch.float64)
+    torch.testing.assert_close(out, forgetting_attention(q, k, v, zero, backend="dense", segment_ids=seg))
+
+
+def test_flex_documents_forward_matches_dense_on_cpu():
+    seg = torch.tensor([[0] * 20 + [1] * 44, [3] * 64])
+    q, k, v, log_f = (t.detach().float() for t in inputs(2, 2, 64, 64, 16))
+    out = forgetting_attention(q, k, v, log_f, backend="flex", segment_ids=seg)
+    ref = forgetting_attention(q, k, v, log_f, backend="dense", segment_ids=seg)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tq, tk, dtype, fla, expected", [
+    (512, 512, torch.bfloat16, True, "fla"),      # training / prefill in half precision: FLA's kernel
+    (1, 513, torch.bfloat16, True, "dense"),      # a decode step: never fla (it rejects Tq != Tk), no flex compile
+    (4, 600, torch.bfloat16, True, "dense"),      # a short chunk against the cache
+    (64, 600, torch.bfloat16, True, "flex"),      # a long chunk against a cache: flex (fla needs Tq == Tk)
+    (512, 512, torch.float32, True, "flex"),      # fp32: fla takes half precision only
+    (512, 512, torch.bfloat16, False, "flex"),    # no fla-core
+])
+def test_auto_backend_on_cuda_like_inputs(tq, tk, dtype, fla, expected):
+    assert choose_backend("auto", device_type="cuda", dtype=dtype, tq=tq, tk=tk, fla=fla, native=False) == expected
+    assert choose_backend("auto", device_type="cpu", dtype=dtype, tq=tq, tk=tk, fla=False, native=True) == "native"
+    assert choose_backend("auto", device_type="cpu", dtype=dtype, tq=tq, tk=tk, fla=False, native=False) == \
+        "blockwise"
+
+
+def test_bad_segment_ids():
+    q, k, v, log_f = inputs(1, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(B, Tk\) = \(1, 4\)"):
+        forgetting_attention(q, k, v, log_f, segment_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids has dtype torch.float32"):
+        forgetting_attention(q, k, v, log_f, segment_ids=torch.zeros(1, 4))
+
+
+def test_compiled_flex_recompiles_per_doubling_not_per_cache_length():
+    """Decoding grows the cache by one key per step: the compiled flex path pads to power-of-two buckets, so cache
+    lengths 40..128 share one compiled kernel, 129 starts the next (counted with dynamo's graph counter).  Runs the
+    compiled forward on CPU (inference); outputs equal the dense reference."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lightning_modules.layers import forgetting_attention as fa
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    with torch.no_grad():
+        for tk in (40, 77, 128, 129):
+            q, k, v, log_f = (t.detach().float() for t in inputs(2, 2, 1, tk, 16, seed=tk))
+            c = torch.cumsum(log_f, -1)
+            starts = torch.tensor([[0], [5]])
+            out = fa._flex_forgetting_attention(q, k, v, c, 0.25, starts, compiled=True)
+            torch.testing.assert_close(out, fa.dense_forgetting_attention(q, k, v, c, 0.25, starts), rtol=1e-5,
+                                       atol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 2], graphs

@@ -6,6 +6,7 @@ import torch
 
 from lightning_modules.fox_lm import FoXLM, position_bins
 from lightning_modules.fox_model import FoXConfig, FoXTransformer, gate_bias_from_decay_times
+from lightning_modules.layers.generation import SamplingConfig, left_pad
 
 
 def tiny(**kw):
@@ -45,17 +46,76 @@ def test_cached_decoding_equals_full_recomputation(name):
         assert caches[0].log_f.shape == (2, 4, 21) and caches[0].log_f.dtype == torch.float64
 
 
-@pytest.mark.parametrize("name", ["fox_llama", "fox_pro"])
+@pytest.mark.parametrize("name", ["fox_llama", "fox_pro", "rope"])
 def test_generate_with_cache_equals_without(name):
     model = tiny(**VARIANTS[name])
-    prompt = torch.randint(0, 50, (2, 5))
-    a = model.generate(prompt, 12, temperature=0, use_cache=True)
-    b = model.generate(prompt, 12, temperature=0, use_cache=False)
-    assert torch.equal(a, b) and a.shape == (2, 17)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    s1 = model.generate(prompt, 8, temperature=0.8, top_k=10, generator=g1)
-    s2 = model.generate(prompt, 8, temperature=0.8, top_k=10, use_cache=False, generator=g2)
-    assert torch.equal(s1, s2)
+    prompts = [[3, 4, 5, 6, 7], [9, 1], [2, 2, 2, 8]]  # different lengths: one left-padded batch
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    a = model.generate(prompts, greedy, use_cache=True)
+    b = model.generate(prompts, greedy, use_cache=False)
+    assert a == b and all(len(x) == 12 for x in a)
+    alone = [model.generate([p], greedy)[0] for p in prompts]  # the padding changes nothing
+    assert a == alone
+    sampled = SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=10, top_p=0.9, seed=3)
+    s1 = model.generate(prompts, sampled)
+    assert s1 == model.generate(prompts, sampled, use_cache=False)  # same seed, same draws
+    assert s1 != model.generate(prompts, SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=10, top_p=0.9,
+                                                        seed=4))
+
+
+def test_generation_stops_at_eos_per_row():
+    model = tiny()
+    prompts = [[3, 4, 5], [9, 1]]
+    free = model.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0))
+    eos = free[0][2]  # the third token row 0 produces
+    out = model.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0), eos_id=eos)
+    assert out[0] == free[0][:3]  # EOS kept, nothing after it
+    cut = free[1].index(eos) + 1 if eos in free[1] else 10
+    assert out[1] == free[1][:cut]
+
+
+@pytest.mark.parametrize("backend", ["dense", "native", "blockwise"])
+@pytest.mark.parametrize("name", ["fox_llama", "fox_pro", "rope", "fixed_pro_rope"])
+def test_left_padded_rows_equal_rows_alone(name, backend):
+    """A left-padded batch (segment 0 = padding) gives every row the logits it has alone, prefill and decode."""
+    model = tiny(**VARIANTS[name], attn_backend=backend, attn_block_size=4)
+    lengths = [11, 4, 7]
+    rows = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    tokens, seg = left_pad([r.tolist() for r in rows])
+    logits, caches = model(tokens, use_cache=True, segment_ids=seg)
+    nxt = torch.tensor([[5], [6], [7]])
+    seg2 = torch.cat([seg, seg[:, -1:]], 1)
+    step, _ = model(nxt, caches, use_cache=True, segment_ids=seg2)
+    for i, r in enumerate(rows):
+        alone = model(torch.cat([r, nxt[i]])[None])
+        torch.testing.assert_close(logits[i, -len(r):], alone[0, :-1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(step[i, 0], alone[0, -1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["dense", "native", "blockwise"])
+@pytest.mark.parametrize("name", ["fox_llama", "fox_pro", "nope"])
+def test_packed_documents_equal_documents_alone(name, backend):
+    """Documents packed into one sequence (segment ids): the same outputs and parameter gradients as the documents
+    run one by one, float64."""
+    model = tiny(**VARIANTS[name], attn_backend=backend, attn_block_size=8)
+    docs = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 19, 11)]
+    packed = torch.cat(docs)[None]
+    seg = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    weights = torch.randn(1, len(packed[0]), 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model.zero_grad()
+    out = model(packed, segment_ids=seg)
+    (out * weights).sum().backward()
+    grads_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    lo, outs = 0, []
+    for d in docs:
+        o = model(d[None])
+        (o * weights[:, lo:lo + len(d)]).sum().backward()
+        outs.append(o)
+        lo += len(d)
+    torch.testing.assert_close(out, torch.cat(outs, 1), rtol=1e-9, atol=1e-10)
+    for p, g in zip(model.parameters(), grads_packed):
+        torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_parameter_count_matches_spec_tiny_config():
@@ -132,7 +192,7 @@ def test_lightning_module_builds_lazily_and_validates():
     lm = FoXLM(d_model=32, n_layers=1, n_heads=2)
     assert lm.model is None
     lm._build(64)
-    assert lm.hparams.vocab_size == 64 and lm.model.lm_head.out_features == 64
+    assert lm.vocab_size == 64 and lm.model.lm_head.out_features == 64 and lm.hparams.vocab_size is None
     with pytest.raises(ValueError, match="lr must be > 0"):
         FoXLM(lr=-1.0)
 

@@ -41,7 +41,8 @@ def test_fit_writes_plots_csvs_checkpoints_and_config(tmp_path):
     from lightning_modules.fox_lm import FoXLM  # the lazily built model reloads from its checkpoint alone
 
     loaded = FoXLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert loaded.hparams.vocab_size == 256 and loaded.hparams.train_seq_len == 128
+    assert loaded.vocab_size == 256 and loaded.train_seq_len == 128  # sizes from the checkpoint's record
+    assert loaded.hparams.vocab_size is None and loaded.hparams.train_seq_len is None  # hparams = what was passed
     assert loaded.model.lm_head.out_features == 256
 
 
@@ -135,7 +136,7 @@ def test_validate_test_predict_subcommands(tmp_path, capsys):
     assert main(["fit", *base, "--trainer.max_steps=2"]) == 0
     for sub in ("validate", "test"):
         assert main([sub, *base, "--ckpt_path=last"]) == 0
-    assert main(["predict", *base, "--ckpt_path=last", "--model.init_args.predict_new_tokens=3"]) == 0
+    assert main(["predict", *base, "--ckpt_path=last", "--model.init_args.max_new_tokens=3"]) == 0
     out = capsys.readouterr().out
     assert "val/loss" in out and "test/loss_256_512" in out
 

@@ -102,7 +102,8 @@ def test_hf_dataset_from_disk_with_local_tokenizer(tmp_path):
                                "validation": datasets.Dataset.from_dict({"text": texts[:30]})})
     ds.save_to_disk(tmp_path / "ds")
     dm = TextDataModule(path=str(tmp_path / "ds"), tokenizer=tok_path, seq_len=8, batch_size=2, eval_factor=2)
-    assert dm.vocab_size == len(fast)
+    assert dm.vocab_size == len(fast)  # decided by the tokenizer, before any data is read
+    dm.setup("fit")
     expected = fast.encode("the cat sat on the mat", add_special_tokens=False) + [fast.eos_token_id]
     assert dm.train_tokens[: len(expected)].tolist() == expected
     (x, _), _ = batches(dm)
@@ -110,6 +111,7 @@ def test_hf_dataset_from_disk_with_local_tokenizer(tmp_path):
     # a plain Dataset is split by position; without a tokenizer the text is read as UTF-8 bytes
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "plain")
     dm = TextDataModule(path=str(tmp_path / "plain"), seq_len=8, batch_size=2, eval_factor=2)
+    dm.setup("fit")
     assert dm.vocab_size == 256 and bytes(dm.train_tokens[:7].tolist()) == b"the cat"
 
 

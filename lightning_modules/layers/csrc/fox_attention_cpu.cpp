@@ -1,7 +1,11 @@
 // Forgetting attention on CPU: FlashAttention-2 tiling with the forget-gate bias added per tile.
 //
-//   S_ij = scale * q_i . k_j + c_i - c_j  (j <= i + Tk - Tq),   o_i = sum_j softmax_j(S_ij) v_j,
+//   S_ij = scale * q_i . k_j + c_i - c_j  (start_i <= j <= i + Tk - Tq),   o_i = sum_j softmax_j(S_ij) v_j,
 //   c = cumsum(log f) computed by the caller (fp32 / fp64).
+//
+// start_i (optional, int64 (B, Tq)): the first key query i may see -- the start of its document in a packed
+// sequence, or the first real token of a left-padded prompt.  Keys before it are masked and whole tiles before the
+// smallest start of a query block are skipped.  Without it, start_i = 0.
 //
 // Forward: for each (batch, head, query block), online softmax over key blocks up to the diagonal (tiles above it
 // are never visited); saves the log-sum-exp.  Backward: for each (batch, head), recompute P = exp(S - lse) per tile,
@@ -102,43 +106,64 @@ inline void mm_atb(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t
 
 // S (n x nk) = scale * Q[i0:i0+n] K[j0:j0+nk]^T + c_i - c_j, causal entries masked; query row r sits at key
 // position off + i0 + r.
+// ``starts`` (may be null): per query row of this (batch, head), the first visible key.
 template <typename T>
 inline void score_tile(T* S, const Strided<T>& Q, const Strided<T>& K, int64_t b, int64_t h, int64_t i0, int64_t n,
-                       int64_t j0, int64_t nk, int64_t D, T scale, const T* c, int64_t off) {
+                       int64_t j0, int64_t nk, int64_t D, T scale, const T* c, int64_t off, const int64_t* starts) {
   mm_abt<T>(n, nk, D, scale, Q.at(b, h, i0), Q.st, K.at(b, h, j0), K.st, T(0), S, nk);
   for (int64_t r = 0; r < n; ++r) {
     T* row = S + r * nk;
     const int64_t pos = off + i0 + r;
     const T ci = c[pos];
-    const int64_t allowed = std::min<int64_t>(nk, pos - j0 + 1);  // keys j0 .. pos
+    const int64_t allowed = std::max<int64_t>(0, std::min<int64_t>(nk, pos - j0 + 1));  // keys j0 .. pos
+    const int64_t first = starts ? std::min<int64_t>(allowed, std::max<int64_t>(0, starts[i0 + r] - j0)) : 0;
     const T* cj = c + j0;
-    for (int64_t t = 0; t < allowed; ++t) row[t] += ci - cj[t];
-    for (int64_t t = std::max<int64_t>(allowed, 0); t < nk; ++t) row[t] = kMasked<T>;
+    for (int64_t t = 0; t < first; ++t) row[t] = kMasked<T>;
+    for (int64_t t = first; t < allowed; ++t) row[t] += ci - cj[t];
+    for (int64_t t = allowed; t < nk; ++t) row[t] = kMasked<T>;
   }
 }
 
+// The first key a query block [i0, i0 + n) needs: the smallest start among its rows (0 without starts).
+inline int64_t first_key(const int64_t* starts, int64_t i0, int64_t n) {
+  if (!starts) return 0;
+  int64_t lo = starts[i0];
+  for (int64_t r = 1; r < n; ++r) lo = std::min(lo, starts[i0 + r]);
+  return std::max<int64_t>(lo, 0);
+}
+
+// Work items below this many multiply-adds in total run on the calling thread: waking the thread pool costs more
+// than a decode step (one query row per head) computes.
+constexpr int64_t kMinParallelWork = int64_t(1) << 20;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& c, double scale_d,
-                  at::Tensor& out, at::Tensor& lse, int64_t BM, int64_t BN) {
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& c,
+                  const int64_t* sdata, double scale_d, at::Tensor& out, at::Tensor& lse, int64_t BM, int64_t BN) {
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), off = Tk - Tq;
   const T scale = static_cast<T>(scale_d);
   const Strided<T> Q(q), K(k), V(v), O(out);
   const T* cdata = c.data_ptr<T>();
   T* ldata = lse.data_ptr<T>();
   const int64_t nqb = (Tq + BM - 1) / BM;
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(std::min(BM, Tq) * Tk * D);
+  at::parallel_for(0, B * H * nqb, grain, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
     std::vector<T> S(BM * BN), acc(BM * D), m(BM), l(BM);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (H * nqb), h = (idx / nqb) % H, i0 = (idx % nqb) * BM;
       const int64_t n = std::min(BM, Tq - i0), kend = off + i0 + n;
       const T* cb = cdata + (b * H + h) * Tk;
+      const int64_t* sb = sdata ? sdata + b * Tq : nullptr;
       std::fill(m.begin(), m.end(), kMasked<T>);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t j0 = 0; j0 < kend; j0 += BN) {
+      for (int64_t j0 = first_key(sb, i0, n); j0 < kend; j0 += BN) {
         const int64_t nk = std::min(BN, kend - j0);
-        score_tile<T>(S.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off);
+        score_tile<T>(S.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off, sb);
         for (int64_t r = 0; r < n; ++r) {
           T* row = S.data() + r * nk;
           T mx = m[r];
@@ -170,7 +195,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& c, const at::Tensor& out, const at::Tensor& lse, double scale_d, at::Tensor& dq,
+                   const at::Tensor& c, const int64_t* sdata, const at::Tensor& out, const at::Tensor& lse,
+                   double scale_d, at::Tensor& dq,
                    at::Tensor& dk, at::Tensor& dv, at::Tensor& dc, int64_t BM, int64_t BN) {
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), off = Tk - Tq;
   const T scale = static_cast<T>(scale_d);
@@ -178,7 +204,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
   const T* cdata = c.data_ptr<T>();
   const T* ldata = lse.data_ptr<T>();
   T* dcdata = dc.data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain_for(Tq * Tk * D), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
     std::vector<T> P(BM * BN), dP(BM * BN), delta(Tq);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -186,6 +212,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
       const T* cb = cdata + bh * Tk;
       const T* lb = ldata + bh * Tq;
       T* dcb = dcdata + bh * Tk;
+      const int64_t* sb = sdata ? sdata + b * Tq : nullptr;
       for (int64_t i = 0; i < Tq; ++i) {  // delta_i = dO_i . O_i
         const T* g = GO.at(b, h, i);
         const T* o = O.at(b, h, i);
@@ -195,9 +222,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
       }
       for (int64_t i0 = 0; i0 < Tq; i0 += BM) {
         const int64_t n = std::min(BM, Tq - i0), kend = off + i0 + n;
-        for (int64_t j0 = 0; j0 < kend; j0 += BN) {
+        for (int64_t j0 = first_key(sb, i0, n); j0 < kend; j0 += BN) {
           const int64_t nk = std::min(BN, kend - j0);
-          score_tile<T>(P.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off);
+          score_tile<T>(P.data(), Q, K, b, h, i0, n, j0, nk, D, scale, cb, off, sb);
           for (int64_t r = 0; r < n; ++r) {
             T* row = P.data() + r * nk;
             const T L = lb[i0 + r];
@@ -229,27 +256,39 @@ void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, name, " must be (B, H, T, D) with a contiguous last dim");
 }
 
+// starts: an empty tensor (no segments) or a contiguous int64 (B, Tq) tensor.
+const int64_t* starts_ptr(const at::Tensor& starts, const at::Tensor& q) {
+  if (starts.numel() == 0) return nullptr;
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.is_contiguous() && starts.dim() == 2 &&
+                  starts.size(0) == q.size(0) && starts.size(1) == q.size(2),
+              "starts must be a contiguous int64 (B, Tq) tensor");
+  return starts.data_ptr<int64_t>();
+}
+
 }  // namespace
 
 std::vector<at::Tensor> fox_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& c, double scale, int64_t block_m, int64_t block_n) {
+                                    const at::Tensor& c, const at::Tensor& starts, double scale, int64_t block_m,
+                                    int64_t block_n) {
   check(q, "q"), check(k, "k"), check(v, "v");
   TORCH_CHECK(c.is_contiguous() && c.scalar_type() == q.scalar_type(), "c must be contiguous with q's dtype");
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fox_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, c, scale, out, lse, block_m, block_n);
+    forward_impl<scalar_t>(q, k, v, c, starts_ptr(starts, q), scale, out, lse, block_m, block_n);
   });
   return {out, lse};
 }
 
 std::vector<at::Tensor> fox_backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const at::Tensor& c, const at::Tensor& out,
-                                     const at::Tensor& lse, double scale, int64_t block_m, int64_t block_n) {
+                                     const at::Tensor& v, const at::Tensor& c, const at::Tensor& starts,
+                                     const at::Tensor& out, const at::Tensor& lse, double scale, int64_t block_m,
+                                     int64_t block_n) {
   check(go, "grad_out"), check(q, "q"), check(k, "k"), check(v, "v"), check(out, "out");
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v), dc = at::zeros_like(c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fox_backward", [&] {
-    backward_impl<scalar_t>(go, q, k, v, c, out, lse, scale, dq, dk, dv, dc, block_m, block_n);
+    backward_impl<scalar_t>(go, q, k, v, c, starts_ptr(starts, q), out, lse, scale, dq, dk, dv, dc, block_m,
+                            block_n);
   });
   return {dq, dk, dv, dc};
 }
