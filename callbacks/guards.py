@@ -23,10 +23,26 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FiniteLossGuard(L.Callback):
-    """Stops the run before ``backward`` when the loss is not finite (so no bad step and no bad checkpoint).
+    """Stops the run before ``backward`` when the loss is not finite, and before the optimizer step when a gradient
+    is not finite (a finite but huge loss can overflow in the backward), so no bad update and no checkpoint of
+    non-finite weights.  Under fp16 loss scaling the gradient check is left to the scaler (it skips such steps).
 
     Under DDP the check is agreed on by all ranks, so every rank stops together.
     """
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite training gradients at step {trainer.global_step}; stopped before the update: the last "
+                "saved checkpoint is unchanged (lower the learning rate or check the data)")
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).all())
@@ -93,6 +109,17 @@ class RecipeCheckpoint(ModelCheckpoint):
         if self._old_handler is not None:
             signal.signal(self._signum, self._old_handler)
             self._old_handler = None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        """``last.ckpt`` always links the newest finished checkpoint of the folder.  Lightning records the last
+        path in a checkpoint before linking it, so a resumed run (or a second run in the folder) does not know the
+        existing link is its own and writes ``last-v1.ckpt`` beside a stale ``last.ckpt``; an existing *link* of
+        ours is re-pointed instead (a real file named last.ckpt is never overwritten)."""
+        if self.save_last == "link":
+            last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            if os.path.islink(last):
+                self.last_model_path = last
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step:

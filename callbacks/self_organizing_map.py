@@ -204,9 +204,11 @@ class SelfOrganizingMap(L.Callback):
             self.align_sum[name] += float(acc)
         self._align_acc.clear()
 
-    def distinct_fraction(self, name: str) -> float:
+    def distinct_fraction(self, name: str, channels: Optional[int] = None) -> float:
+        """Fraction of layer ``name``'s kernels that were a BMU so far (``channels`` for a restored state read
+        outside ``fit``, where no layer is targeted)."""
         self.flush()
-        return len(self.distinct[name]) / self.targets[name].out_channels
+        return len(self.distinct[name]) / (channels or self.targets[name].out_channels)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._stepped:

@@ -103,7 +103,7 @@ class TopographyReport(L.Callback):
                    "selectivity_ratio": selectivity_ratio(dprime),
                    "mean_kernel_cosine": mean_pairwise_cosine(conv.weight.detach().cpu())}
             if som is not None and name in som.distinct:
-                row["distinct_bmu_frac"] = som.distinct_fraction(name)
+                row["distinct_bmu_frac"] = som.distinct_fraction(name, conv.out_channels)
                 row["mean_alignment"] = som.mean_alignment(name)
             rows.append(row)
             curves[name] = curve

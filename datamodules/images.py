@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.indexed import IndexedTrainLoaders
+from datamodules.indexed import IndexedTrainLoaders, held_out_predictions
 from datamodules.sampling import eval_sampler, shuffled_resumable
 
 
@@ -69,6 +69,10 @@ class DigitsDataModule(IndexedTrainLoaders, L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out set in order, items ``(x, y, index)``: one prediction per sample."""
+        return held_out_predictions(self, self.test_set, 256)
 
 
 CIFAR_LAYOUT = {  # folder inside `path`, training files, test file, label key, classes
@@ -157,6 +161,10 @@ class CIFARDataModule(IndexedTrainLoaders, L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out set in order, items ``(x, y, index)``: one prediction per sample."""
+        return held_out_predictions(self, self.test_set, 256)
+
 
 class ImageFolderDataModule(L.LightningDataModule):
     """ImageNet-style ``path/train/<class>/*`` and ``path/val/<class>/*`` (torchvision ``ImageFolder``) with the
@@ -212,3 +220,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The val images in order, items ``(x, y, index)``: one prediction per image."""
+        return held_out_predictions(self, self.val_set, self.hparams.batch_size)
+

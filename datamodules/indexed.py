@@ -51,3 +51,13 @@ class IndexedTrainLoaders:
     def train_eval_dataloader(self) -> DataLoader:
         batch = self.eval_batch_size or self.hparams.batch_size
         return DataLoader(self._indexed(self.train_eval_set), batch_size=batch, num_workers=self.hparams.num_workers)
+
+
+def held_out_predictions(datamodule, dataset, batch_size: int) -> DataLoader:
+    """``predict``'s loader: ``dataset`` in order with ``(x, y, index)`` items (split across DDP ranks)."""
+    from datamodules.sampling import eval_sampler
+
+    datamodule.setup("predict")
+    data = IndexedDataset(dataset)
+    return DataLoader(data, batch_size=batch_size, sampler=eval_sampler(data, datamodule.trainer),
+                      num_workers=datamodule.hparams.num_workers)

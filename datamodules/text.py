@@ -174,6 +174,8 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer is not None:
             return HFTokenizer(hp.tokenizer)
+        if self.path is not None and self._is_hf_dataset(self.path) and self._pretokenised(self.path):
+            return None  # per-document token arrays: vocabulary from vocab_size or the largest id
         if self.path is None or self._is_hf_dataset(self.path):
             return ByteTokenizer(with_bos=hp.documents != "stream" and hp.bos_id is None)
         meta = char_meta(Path(self._memmap_files(self.path)[0]).parent)
@@ -211,6 +213,14 @@ class TextDataModule(L.LightningDataModule):
     def _is_hf_dataset(path: str) -> bool:
         p = Path(path)
         return p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
+
+    def _pretokenised(self, path: str) -> bool:
+        """A saved dataset of per-document ``input_ids`` arrays (and no text column)."""
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+        part = ds[next(iter(ds))] if isinstance(ds, datasets.DatasetDict) else ds
+        return "input_ids" in part.column_names and self.hparams.text_key not in part.column_names
 
     @staticmethod
     def _memmap_files(path: str):
@@ -267,8 +277,7 @@ class TextDataModule(L.LightningDataModule):
             parts = [ds["train"], ds[val_name]]
         else:
             parts = [ds]
-        pretokenised = all("input_ids" in part.column_names for part in parts) and hp.text_key not in \
-            parts[0].column_names
+        pretokenised = self.tokenizer is None
         for part in parts:
             if not pretokenised and hp.text_key not in part.column_names:
                 raise ValueError(f"dataset at {self.path!r} has no column {hp.text_key!r} (columns: "

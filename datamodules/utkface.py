@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.indexed import IndexedTrainLoaders
+from datamodules.indexed import IndexedTrainLoaders, held_out_predictions
 from datamodules.sampling import eval_sampler
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -118,3 +118,7 @@ class UTKFaceDataModule(IndexedTrainLoaders, L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out faces in order, items ``(x, age, index)``: one prediction per face."""
+        return held_out_predictions(self, self.test_set, self.hparams.batch_size)

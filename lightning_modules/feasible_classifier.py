@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.layers.predictions import class_records, value_records
 from lightning_modules.layers.sample_losses import PerSampleLoss
 
 BACKBONES = ("linear", "mlp", "resnet18_cifar", "resnet18")
@@ -140,6 +141,11 @@ class FeasibleClassifier(_FeasibleBase):
     def test_step(self, batch, batch_idx):
         self.validation_step(batch, batch_idx)
 
+    def predict_step(self, batch, batch_idx):
+        """One record per held-out sample: ``index, prediction, probability, target``."""
+        x, y, index = batch
+        return class_records(self.net(x), y, index)
+
 
 class FeasibleRegressor(_FeasibleBase):
     def __init__(
@@ -179,3 +185,11 @@ class FeasibleRegressor(_FeasibleBase):
 
     def test_step(self, batch, batch_idx):
         self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        """One record per held-out sample: ``index, prediction, target`` in the data's units (years for UTKFace)."""
+        x, y, index = batch
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        mean = float(getattr(dm, "target_mean", 0.0))
+        pred = self.net(x).float().squeeze(-1)
+        return value_records(pred * self.target_std + mean, y.float() * self.target_std + mean, index)

@@ -26,6 +26,7 @@ and decoded with the datamodule's tokenizer; ``callbacks.text_generation.Complet
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Literal, Optional, Tuple
 
 import lightning as L
@@ -139,6 +140,7 @@ class FoXLM(L.LightningModule):
         top_k: Optional[int] = None,
         top_p: float = 1.0,
         sample_seed: int = 0,
+        init_from: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -195,22 +197,40 @@ class FoXLM(L.LightningModule):
         if self.train_seq_len is None:
             self.train_seq_len = self._datamodule_value("seq_len")
 
+        if self.hparams.init_from and not getattr(self, "_initialised_from", None):
+            self._load_weights(self.hparams.init_from)
+
+    def _load_weights(self, path: str) -> None:
+        """Start from the weights of a FoX checkpoint (fine-tuning: optimizer, schedule and step start fresh)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model.init_from {path!r} does not exist; expected a FoX LM checkpoint file")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+        self._initialised_from = path
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fox_lm"] = {"vocab_size": self.vocab_size, "train_seq_len": self.train_seq_len}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build (or check) the network from the sizes the checkpoint was trained with."""
+        keys = checkpoint.get("state_dict", {})
+        if keys and not any(k.startswith("model.blocks.") for k in keys):
+            raise ValueError(f"the checkpoint holds no FoX LM weights (its first keys: {', '.join(list(keys)[:3])}); "
+                             "pass a checkpoint written by a FoX recipe or converted with "
+                             "scripts/convert_fox_checkpoint.py")
         facts = checkpoint.get("fox_lm") or {"vocab_size": checkpoint.get("hyper_parameters", {}).get("vocab_size"),
                                              "train_seq_len": checkpoint.get("hyper_parameters", {})
                                              .get("train_seq_len")}
         vocab = facts.get("vocab_size")
         if vocab is not None:
-            if self.model is None:
-                self._build(int(vocab))
-            elif self.vocab_size != vocab:
+            data_vocab = self._datamodule_value("vocab_size")
+            if data_vocab is not None and data_vocab > vocab:
                 raise ValueError(f"the checkpoint's model has a vocabulary of {vocab} tokens but this run's data has "
-                                 f"{self.vocab_size} (data vocab_size / tokenizer); evaluate it on data with the "
-                                 "tokenizer it was trained with")
+                                 f"{data_vocab} (data vocab_size / tokenizer); evaluate it on data with the tokenizer "
+                                 "it was trained with")
+            if self.model is None or self.vocab_size != vocab:  # the checkpoint's size (>= the data's)
+                self._build(int(vocab))
         if facts.get("train_seq_len") is not None and self.hparams.train_seq_len is None:
             self.train_seq_len = int(facts["train_seq_len"])
 

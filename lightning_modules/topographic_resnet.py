@@ -18,6 +18,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock
 
+from lightning_modules.layers.predictions import class_records
+
 PRESETS = {
     "resnet18": dict(stem_width=64, widths=[64, 144, 256, 529], blocks=[2, 2, 2, 2]),
     "tiny": dict(stem_width=16, widths=[16, 36, 64], blocks=[1, 1, 1]),
@@ -139,6 +141,11 @@ class TopographicClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, self.test_acc, "test")
+
+    def predict_step(self, batch, batch_idx):
+        """One record per held-out image: ``index, prediction, probability, target``."""
+        x, y, index = batch
+        return class_records(self.model(x), y, index)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -7,6 +7,8 @@ LightningCLI in subclass mode: any LightningModule / LightningDataModule by ``cl
   so ``--ckpt_path last`` always finds it;
 * a ``FiniteLossGuard`` that stops on a NaN/inf loss before the update;
 * ``trainer.precision`` chosen by device when unset: ``bf16-mixed`` on CUDA, ``32-true`` elsewhere;
+* ``--ckpt_path`` (a file or ``last``) read once and checked: the model's architecture from the checkpoint, the
+  rest from the command line (``recipes.checkpoints``);
 * errors as one line on stderr and exit code 2 (``RECIPES_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.guards import FiniteLossGuard, NonFiniteLossError, RecipeCheckpoint
 from callbacks.run_files import run_dir
 from callbacks.wandb_media import LogPlotsToWandb
+from recipes import checkpoints
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ArgumentError,
                MisconfigurationException, NonFiniteLossError)
@@ -68,6 +71,28 @@ class RecipeCLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
+
+    def _parse_ckpt_path(self) -> None:
+        """See ``recipes.checkpoints``: a checkpoint file and ``last`` are treated alike, unreadable files and
+        checkpoints of another recipe stop with one line, and only the model's architecture comes from it."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        model = cfg.get("model")
+        class_path = getattr(model, "class_path", None) if model is not None else None
+        init_from = getattr(getattr(model, "init_args", None), "init_from", None) if model is not None else None
+        ckpt = cfg.get("ckpt_path") or init_from  # fine-tuning from weights: the same architecture rule
+        if not ckpt:
+            return
+        name = "ckpt_path" if cfg.get("ckpt_path") else "model.init_from"
+        path = checkpoints.resolve(str(ckpt), cfg.get("checkpoint", {}).get("dirpath"), name)
+        if path is None:
+            return
+        settings = checkpoints.model_settings(checkpoints.read_checkpoint(path), path, class_path)
+        if settings and class_path:
+            self.config = self.parser.parse_object(
+                {sub: {"model": {"class_path": class_path, "init_args": settings}}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -166,6 +191,32 @@ def check_scale(devices, num_nodes: int, on_gpu: bool) -> None:
                          "set --trainer.devices to match #SBATCH --ntasks-per-node")
 
 
+_PROJECT = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
+                 for d in ("recipes", "lightning_modules", "datamodules", "callbacks"))
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A bad value the user gave (one line, exit 2), not a bug of ours (traceback kept): the config parser's and
+    Lightning's configuration errors, and exceptions our code raises on purpose -- the innermost frame is a ``raise``
+    statement in this project (also through the exception's cause / context chain).  A ``KeyError`` from a lookup, a ``TypeError`` from a wrong call, a ``ValueError``
+    deep in a library: bugs, shown with their traceback."""
+    import traceback
+
+    seen = set()
+    while err is not None and id(err) not in seen:  # the config parser re-raises what a class's __init__ raised
+        seen.add(id(err))
+        if isinstance(err, (ArgumentError, MisconfigurationException, NonFiniteLossError)):
+            return True
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename:
+            return True  # the parser's verdict on a value (it reports what a class's __init__ raised as text)
+        if frames and frames[-1].filename.startswith(_PROJECT) and \
+                (frames[-1].line or "").lstrip().startswith("raise "):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _one_line(err: BaseException) -> str:
     """One line naming the bad key and value: jsonargparse's subclass-union errors are cut to their real cause."""
     text = " ".join(str(err).split())
@@ -209,7 +260,7 @@ def main(args: Optional[List[str]] = None) -> int:
               "--ckpt_path last (a requeued SLURM job resumes by itself)", file=sys.stderr)
         return 143
     except USER_ERRORS as err:
-        if debug:
+        if debug or not is_user_error(err):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

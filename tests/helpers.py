@@ -177,6 +177,16 @@ try:
             if trainer.global_step >= self.step and not os.path.exists(self.path):
                 open(self.path, "w").close()
 
+    class LookupBugAtStep(L.Callback):
+        """Test helper: a bug of ours (a KeyError from a dict lookup) at step ``step``."""
+
+        def __init__(self, step: int = 1):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            if trainer.global_step >= self.step:
+                {}["missing"]
+
     class RecordStartStep(L.Callback):
         """Test helper: write ``global_step`` at the start of training to ``path`` (0 unless the run resumed)."""
 

@@ -112,11 +112,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
     code = main([*args, "--trainer.max_steps=50", "--model.init_args.lr=1e30", "--model.init_args.warmup=0",
                  "--trainer.gradient_clip_val=0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: NonFiniteLossError: non-finite training loss"), err[-3:]
+    assert code == 2 and err[-1].startswith("error: NonFiniteLossError: non-finite training"), err[-3:]
     after = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert after["global_step"] == 2
     for key, value in after["state_dict"].items():
         assert torch.equal(value, before[key]), key  # the finished checkpoint is untouched
+    # the overflowing backward (finite loss, inf gradients) stopped before the update: no checkpoint of bad weights
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step0000002.ckpt"]
 
 
 def test_omegaconf_interpolation_in_a_recipe(tmp_path, capsys):

@@ -87,17 +87,24 @@ def forgetting_attention(
     _check_inputs(q, k, v, log_fgate, backend, block_size, segment_ids)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     tq, tk = q.shape[2], k.shape[2]
-    starts = None if segment_ids is None else segment_starts(segment_ids)  # (B, Tk)
+    starts = q_starts = None  # (B, Tk) start of every key's run; (B, Tq) those of the queries
+    if segment_ids is not None:
+        if tq == 1:  # a decode step sees only its own run: its start is all that is needed (no cummax over the keys)
+            q_starts = last_run_start(segment_ids)
+        else:
+            starts = segment_starts(segment_ids)
+            q_starts = starts[:, tk - tq:].contiguous()
     if log_fgate is None:
-        return _no_gate(q, k, v, scale, starts)
+        return _no_gate(q, k, v, scale, q_starts)
     gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_fgate = log_fgate.to(gate_dtype)
     name = resolve_backend(backend, q, tk)
     c = torch.cumsum(log_fgate, dim=-1)
-    q_starts = None
-    if starts is not None:  # re-base c to 0 at every run start (outputs unchanged, |c| stays one document's decay)
-        c = c - c.gather(-1, starts[:, None, :].expand_as(c))
-        q_starts = starts[:, tk - tq:].contiguous()
+    if q_starts is not None:
+        # re-base c to 0 at every run start (outputs unchanged, |c| stays one document's decay).  A single query reads
+        # c only inside its own run, so one offset per row gives those keys exactly the values a per-key re-base would.
+        ref = q_starts if starts is None else starts
+        c = c - c.gather(-1, ref[:, None, :].expand(c.shape[0], c.shape[1], ref.shape[1]))
     if name == "dense":
         return dense_forgetting_attention(q, k, v, c, scale, q_starts)
     if name == "native":
@@ -106,7 +113,7 @@ def forgetting_attention(
         return blockwise_forgetting_attention(q, k, v, c, scale, block_size, q_starts)
     if name == "flex":
         return _flex_forgetting_attention(q, k, v, c, scale, q_starts)
-    return _fla_forgetting_attention(q, k, v, log_fgate, scale, starts)
+    return _fla_forgetting_attention(q, k, v, log_fgate, scale, q_starts if starts is None else starts)
 
 
 DECODE_MAX_QUERIES = 16  # at most this many queries against a longer cache: a decode step (auto -> dense on CUDA)
@@ -163,6 +170,13 @@ def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(new, pos, torch.zeros_like(pos)).cummax(-1).values
 
 
+def last_run_start(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)`` int64: the first position of the run that ends at the last position, i.e.
+    ``segment_starts(segment_ids)[:, -1:]`` without the scan over every position."""
+    pos = torch.arange(segment_ids.shape[-1], device=segment_ids.device)
+    return torch.where(segment_ids != segment_ids[..., -1:], pos, -1).amax(-1, keepdim=True) + 1
+
+
 def cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor:
     """FlashAttention-style ``cu_seqlens`` (int32 ``[N + 1]``) of every run in the batch flattened to one row:
     run boundaries inside each row, and every row boundary."""
@@ -217,11 +231,10 @@ def visible(tq: int, tk: int, q_starts: Optional[torch.Tensor], device) -> torch
     return (causal & (keys[None, None, :] >= q_starts[:, :, None]))[:, None]
 
 
-def _no_gate(q, k, v, scale, starts=None):
+def _no_gate(q, k, v, scale, q_starts=None):
     tq, tk = q.shape[2], k.shape[2]
-    if tq == tk and starts is None:
+    if tq == tk and q_starts is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    q_starts = None if starts is None else starts[:, tk - tq:]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(tq, tk, q_starts, q.device), scale=scale)
 
 
@@ -324,7 +337,11 @@ def native_forgetting_attention(q, k, v, c, scale, q_starts=None):
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v = (_last_dim_contiguous(t.to(ct)) for t in (q, k, v))
     starts = _NO_STARTS if q_starts is None else q_starts.to(torch.int64).contiguous()
-    return _NativeFoX.apply(q, k, v, c.to(ct).contiguous(), starts, scale).to(dtype)
+    c = c.to(ct).contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, c)):
+        return _NativeFoX.apply(q, k, v, c, starts, scale).to(dtype)
+    # nothing to differentiate (generation, evaluation): the kernel without the autograd.Function's per-call cost
+    return native_extension().forward(q, k, v, c, starts, scale, *_NATIVE_BLOCKS)[0].to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
