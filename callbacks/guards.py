@@ -37,8 +37,8 @@ class FiniteLossGuard(L.Callback):
         if not grads:
             return
         bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if trainer.world_size > 1 and "fsdp" in type(trainer.strategy).__name__.lower():
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # shards differ; DDP's grads are equal
         if bad:
             raise NonFiniteLossError(
                 f"non-finite training gradients at step {trainer.global_step}; stopped before the update: the last "
