@@ -92,7 +92,7 @@ class LayerCache:
     """What one attention layer needs to decode the next token."""
     k: torch.Tensor  # (B, H, T, D) keys after shift / norm / rope
     v: torch.Tensor  # (B, H, T, D)
-    log_f: Optional[torch.Tensor]  # (B, H, T) fp32, None without a gate
+    cum_log_f: Optional[torch.Tensor]  # (B, H, T) fp32 cumulative log gate c_t, None without a gate
     k_prev: Optional[torch.Tensor] = None  # (B, H, D) last pre-shift key (Pro token shift)
     v_prev: Optional[torch.Tensor] = None
 
@@ -153,19 +153,26 @@ class ForgettingAttentionLayer(nn.Module):
             self.last_log_f = log_f.detach()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         log_f = None if log_f is None else log_f.transpose(1, 2)  # (B, H, T)
+        gate, cumulative, cum = log_f, False, None
+        if log_f is not None and (cache is not None or use_cache):
+            # the cache keeps c_t = sum_{l<=t} log f_l, so a decode step adds its own gates instead of re-summing
+            # the whole cache (the same additions, in the same order, as one cumsum)
+            cum = torch.cumsum(log_f, dim=-1)
+            if cache is not None:
+                cum = torch.cat([cache.cum_log_f, cache.cum_log_f[..., -1:] + cum], dim=2)
+            if cache is not None:
+                gate, cumulative = cum, True
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            if log_f is not None:
-                log_f = torch.cat([cache.log_f, log_f], dim=2)
-        o = forgetting_attention(q, k, v, log_f, backend=self.cfg.attn_backend, block_size=self.cfg.attn_block_size,
-                                 segment_ids=segment_ids)
+        o = forgetting_attention(q, k, v, gate, backend=self.cfg.attn_backend, block_size=self.cfg.attn_block_size,
+                                 segment_ids=segment_ids, cumulative=cumulative)
         o = o.transpose(1, 2)  # (B, T, H, D)
         if self.cfg.pro:
             o = self.o_norm(o) * torch.sigmoid(self.g_proj(x)).view(shape)
         y = self.o_proj(o.reshape(b, t, -1))
         new_cache = None
         if use_cache:
-            new_cache = LayerCache(k, v, log_f,
+            new_cache = LayerCache(k, v, cum,
                                    k_raw[:, -1].detach() if self.cfg.pro else None,
                                    v_raw[:, -1].detach() if self.cfg.pro else None)
         return y, new_cache

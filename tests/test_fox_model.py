@@ -43,7 +43,7 @@ def test_cached_decoding_equals_full_recomputation(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
     assert caches[0].length == 21
     if model.cfg.fgate != "none":
-        assert caches[0].log_f.shape == (2, 4, 21) and caches[0].log_f.dtype == torch.float64
+        assert caches[0].cum_log_f.shape == (2, 4, 21) and caches[0].cum_log_f.dtype == torch.float64
 
 
 @pytest.mark.parametrize("name", ["fox_llama", "fox_pro", "rope"])

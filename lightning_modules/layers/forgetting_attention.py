@@ -69,6 +69,7 @@ def forgetting_attention(
     backend: str = "auto",
     block_size: int = 256,
     segment_ids: Optional[torch.Tensor] = None,
+    cumulative: bool = False,
 ) -> torch.Tensor:
     """Causal forgetting attention.
 
@@ -81,6 +82,8 @@ def forgetting_attention(
         backend: one of ``auto, dense, blockwise, flex, fla``.
         block_size: query block of the ``blockwise`` backend.
         segment_ids: optional ``(B, Tk)`` integer labels of the keys' documents (see the module docstring).
+        cumulative: ``log_fgate`` already holds the cumulative sums ``c`` (a decode cache keeps them, so a step does
+            not re-sum the whole cache); not for ``fla``, which sums itself.
     Returns:
         ``(B, H, Tq, D)`` output in ``q.dtype``.
     """
@@ -99,7 +102,9 @@ def forgetting_attention(
     gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_fgate = log_fgate.to(gate_dtype)
     name = resolve_backend(backend, q, tk)
-    c = torch.cumsum(log_fgate, dim=-1)
+    if cumulative and name == "fla":
+        raise ValueError("backend 'fla' takes log gates, not their cumulative sums (cumulative=True)")
+    c = log_fgate if cumulative else torch.cumsum(log_fgate, dim=-1)
     if q_starts is not None:
         # re-base c to 0 at every run start (outputs unchanged, |c| stays one document's decay).  A single query reads
         # c only inside its own run, so one offset per row gives those keys exactly the values a per-key re-base would.

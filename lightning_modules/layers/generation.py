@@ -6,7 +6,7 @@ The model side is one callable, ``step(tokens, segment_ids, cache) -> (last_logi
 * ``tokens`` ``(B, T)``: the whole left-padded prompt on the first call (``cache=None``), then the newest token;
 * ``segment_ids`` ``(B, T_total)``: 0 on left padding, 1 on real tokens, for every position so far (a model that
   attends by document keeps padding and prompt apart with it; positions are absolute, so a relative position
-  encoding sees the same distances as without padding);
+  encoding sees the same distances as without padding); ``None`` when no row is padded;
 * ``cache``: whatever the model returned last time, or ``None`` to recompute from scratch (``use_cache=False``:
   the step then receives all tokens so far every time).
 
@@ -89,6 +89,8 @@ def generate(step: Callable, tokens: torch.Tensor, segment_ids: torch.Tensor, co
     done = torch.zeros(b, dtype=torch.bool, device=device)
     new: List[List[int]] = [[] for _ in range(b)]
     seen, seg = tokens, segment_ids
+    if bool(segment_ids.all()):  # no row is padded: no document masks to build at every step
+        seg = None
     logits, cache = step(tokens, seg, None)
     for n in range(config.max_new_tokens):
         scores = logits.float()
@@ -97,14 +99,15 @@ def generate(step: Callable, tokens: torch.Tensor, segment_ids: torch.Tensor, co
         else:
             scores = warpers(seen, scores)
             nxt = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
-        for i in (~done).nonzero().flatten().tolist():
-            new[i].append(int(nxt[i]))
+        for i, (token, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
+            if not finished:
+                new[i].append(token)
         if eos_id is not None:
             done |= nxt == eos_id
         if bool(done.all()) or n == config.max_new_tokens - 1:  # no forward pass for a token never sampled
             break
         seen = torch.cat([seen, nxt[:, None]], dim=1)
-        seg = torch.cat([seg, seg[:, -1:]], dim=1)
+        seg = None if seg is None else torch.cat([seg, seg[:, -1:]], dim=1)
         if use_cache:
             logits, cache = step(nxt[:, None], seg, cache)
         else:

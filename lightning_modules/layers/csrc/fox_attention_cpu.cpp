@@ -134,7 +134,7 @@ inline int64_t first_key(const int64_t* starts, int64_t i0, int64_t n) {
 
 // Work items below this many multiply-adds in total run on the calling thread: waking the thread pool costs more
 // than a decode step (one query row per head) computes.
-constexpr int64_t kMinParallelWork = int64_t(1) << 20;
+constexpr int64_t kMinParallelWork = int64_t(1) << 17;
 
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
