@@ -233,7 +233,16 @@ def _one_line(err: BaseException) -> str:
     if "Does not validate against any of the Union subtypes" in text:  # a list-valued field (trainer.callbacks)
         causes = [line[4:] for line in str(err).splitlines() if line.startswith("  - ")
                   and not line.startswith(("  - Expected a <class 'NoneType'>", "  - Not a valid subclass"))]
-        text = " ".join(causes[0].split()) if causes else text
+        if causes:
+            text = " ".join(causes[0].split())
+        else:  # an Optional[...] field given a value of neither type: name the types and the value
+            raw = str(err)
+            types = [t for t in re.findall(r"- Expected a <class '([\w.]+)'>", raw) if t != "NoneType"]
+            given = re.search(r"Given value: (.*)", raw)
+            head = text.split(": Does not validate")[0] if ": Does not validate" in text else None
+            expected = " or ".join(types + ["null"]) if types else "another value"
+            text = (f"{head}: " if head else "") + f"expected {expected}, got {given.group(1).strip()!r}" \
+                if given else text
     text = re.sub(r" - Problem with given class_path '[^']+': .*$", "", text)  # the same cause, said again
     text = re.sub(r" - Not a valid subclass of .*$", "", text)  # jsonargparse's list of accepted forms
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text).replace("Expected a ", "expected ")

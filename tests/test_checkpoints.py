@@ -122,6 +122,7 @@ def test_vocabulary_clashes_name_both_values(tmp_path, capsys):
     (["--model.init_args.top_p=0"], "top_p must be in (0, 1], got 0.0"),
     (["--model.init_args.max_new_tokens=0"], "max_new_tokens must be an integer >= 1, got 0"),
     (["--model.init_args.temperature=-1"], "temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--model.init_args.top_k=many"], "model.top_k: expected int or null, got 'many'"),
 ])
 def test_bad_generation_input_is_one_line(extra, needle, tmp_path, capsys):
     empty = tmp_path / "prompts.txt"
