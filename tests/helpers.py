@@ -201,9 +201,11 @@ except ImportError:  # pragma: no cover
 
 
 def wandb_run_records(path) -> list:
-    """The records of a W&B ``.wandb`` run file as raw protobuf bytes, block framing removed (the file is a LevelDB
-    style log: a 7-byte W&B header, then 32 KiB blocks of chunks each with a 7-byte header of crc32, little-endian
-    length and type full/first/middle/last), so a test can look for a value that a block boundary might split."""
+    """The complete records of a W&B ``.wandb`` run file as raw protobuf bytes, block framing removed (the file is a
+    LevelDB style log: a 7-byte W&B header, then 32 KiB blocks of chunks each with a 7-byte header of crc32,
+    little-endian length and type full/first/middle/last), so a test can look for a value that a block boundary
+    might split.  A record whose chunks are not all on disk yet (W&B's service process may still be writing) is left
+    out."""
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", path
     records, current, pos, block = [], b"", 7, 32768
@@ -213,6 +215,8 @@ def wandb_run_records(path) -> list:
             pos += left
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -223,23 +227,32 @@ def wandb_run_records(path) -> list:
     return records
 
 
-def wandb_run_summary(path) -> dict:
-    """What an offline W&B run recorded: ``run_id``, ``config`` (key -> decoded JSON value) and ``history`` (the set
-    of logged metric keys), parsed with W&B's own protobuf schema."""
+def wandb_run_summary(path, timeout: float = 60.0) -> dict:
+    """What an offline W&B run recorded: ``run_id``, ``config`` (key -> decoded JSON value), ``history`` (the set
+    of logged metric keys) and ``exit_code``, parsed with W&B's own protobuf schema.  ``wandb.finish`` returns
+    before W&B's service process has necessarily written the run file to its end, so this reads again until the
+    run's exit record is on disk (``exit_code`` stays None if it never comes within ``timeout`` seconds)."""
     import json
+    import time
 
     from wandb.proto import wandb_internal_pb2 as pb2
 
-    out = {"run_id": None, "config": {}, "history": set()}
-    for raw in wandb_run_records(path):
-        record = pb2.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run_id"] = record.run.run_id
-        elif kind == "config":
-            for item in record.config.update:
-                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "history":
-            out["history"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
-    return out
+    deadline = time.monotonic() + timeout
+    while True:
+        out = {"run_id": None, "config": {}, "history": set(), "exit_code": None}
+        for raw in wandb_run_records(path):
+            record = pb2.Record()
+            record.ParseFromString(raw)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                out["run_id"] = record.run.run_id
+            elif kind == "config":
+                for item in record.config.update:
+                    out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            elif kind == "history":
+                out["history"].update(item.key or "/".join(item.nested_key) for item in record.history.item)
+            elif kind == "exit":
+                out["exit_code"] = record.exit.exit_code
+        if out["exit_code"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)

@@ -31,7 +31,8 @@ def test_wandb_preset_logs_config_and_plots_and_reruns_in_the_same_folder(tmp_pa
     assert main(args) == 0  # the same folder again: config.yaml exists and is overwritten, no failure
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
-    recorded = wandb_run_summary(next(runs[-1].glob("run-*.wandb")))
+    first, recorded = (wandb_run_summary(next(r.glob("run-*.wandb"))) for r in runs)
+    assert first["exit_code"] == 0 and recorded["exit_code"] == 0  # each command closes its run: complete files
     recipe = recorded["config"]["recipe"]  # the full resolved config
     assert recipe["trainer"]["max_epochs"] == 1 and recipe["data"]["init_args"]["with_index"] is True
     assert any(cb["class_path"] == "callbacks.feasible_learning.FeasibleLearning" for cb in recipe["trainer"]["callbacks"])
@@ -70,7 +71,7 @@ def test_a_run_started_by_the_sweep_agent_reports_to_wandb(tmp_path):
     run_root = root / "agentrun7"  # one folder per agent run
     (offline,) = (run_root / "wandb" / "wandb").glob("offline-run-*-agentrun7")
     run = wandb_run_summary(next(offline.glob("run-*.wandb")))
-    assert run["run_id"] == "agentrun7"
+    assert run["run_id"] == "agentrun7" and run["exit_code"] == 0
     assert run["config"]["recipe"]["model"]["init_args"]["lr"] == 0.00123  # the swept value, in the run's config
     assert any(k.startswith("train/") for k in run["history"]), sorted(run["history"])
     assert (run_root / "logs" / "version_0" / "metrics.csv").is_file()  # the CSV logger is kept
