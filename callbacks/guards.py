@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
-import subprocess
 import threading
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from callbacks.preemption import Preempted, seen_before_training
 
 log = logging.getLogger(__name__)
 
@@ -54,42 +52,26 @@ class FiniteLossGuard(L.Callback):
                 "before the update: the last saved checkpoint is unchanged (lower the learning rate or check the data)")
 
 
-def _requeue_slurm_job() -> bool:
-    """``scontrol requeue`` this SLURM job (array-aware, as Lightning's own handler does); True when it worked."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID", "")
-    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job):
-        log.warning(f"SLURM job id {job!r} is not a job number; not requeued: resume by hand with --ckpt_path last")
-        return False
-    try:
-        result = subprocess.call(["scontrol", "requeue", job])
-    except OSError as err:
-        result = err
-    if result != 0:
-        log.warning(f"scontrol requeue {job} failed ({result}); not requeued: resume by hand with --ckpt_path last")
-        return False
-    rank_zero_info(f"requeued SLURM job {job}; it resumes from the hpc checkpoint")
-    return True
-
-
 class RecipeCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also saves when training ends and when the run is told to stop, so finished work is
     never lost.
 
     * End of training: with step-based checkpointing the last steps (after the last multiple of
       ``every_n_train_steps``) are otherwise never written.  ``last.ckpt`` then points at the final checkpoint.
-    * Preemption: on SIGTERM (Lightning's own flag) or SIGUSR1, the step in progress finishes, a checkpoint is
-      written (after every callback's step work, e.g. the SOM update), and the run stops; ``--ckpt_path last``
-      resumes it exactly (tested).  ``python -m recipes`` then exits 143.  Under gradient accumulation the run stops
-      only after a micro-batch that ended with an optimizer step: stopping in the middle would drop the gradients
-      accumulated so far, which no checkpoint holds.
+    * Preemption: on SIGTERM or SIGUSR1, the step in progress finishes, a checkpoint is written (after every
+      callback's step work, e.g. the SOM update), and the run stops; ``--ckpt_path last`` resumes it exactly
+      (tested).  ``python -m recipes`` then exits 143.  A signal during the last step does not stop the run: it is
+      finishing anyway.  Under gradient accumulation the run stops only after a micro-batch that ended with an
+      optimizer step: stopping in the middle would drop the gradients accumulated so far, which no checkpoint
+      holds.
     * SLURM (``SLURMEnvironment(auto_requeue=True)``, Lightning's default there): Lightning's own requeue handler
       saves the moment the signal lands, which can be mid-backward or between accumulated micro-batches, so this
       callback takes the requeue signal (SIGUSR1) instead and does the same at the next optimizer-step boundary:
-      it also writes Lightning's ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, requeues the job with ``scontrol
-      requeue`` and stops; the requeued job (same command, no ``--ckpt_path``) resumes from that file through
-      Lightning's own SLURM auto-resume.  SIGTERM under SLURM (preemption, ``scancel``) writes the hpc checkpoint
-      too but does not requeue (tested with a recording ``scontrol``).
+      it also writes Lightning's ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` and stops; the job is requeued once
+      training has torn down (``callbacks.preemption``), and the requeued job (same command, no ``--ckpt_path``)
+      resumes from that file through Lightning's own SLURM auto-resume.  SIGTERM under SLURM (preemption,
+      ``scancel --signal=TERM``) writes the hpc checkpoint too but does not requeue (tested on a real slurmctld +
+      slurmd: tests/test_slurm.py).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -101,14 +83,30 @@ class RecipeCheckpoint(ModelCheckpoint):
         # Registered before Lightning's signal connector runs (setup hooks come first), which then leaves it alone.
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(self._signum, self._on_signal)
+            if seen_before_training(self._signum):  # the warning landed during start-up: stop at the first step
+                self._preempted = self._requeue_asked = True
 
     def _on_signal(self, signum, frame) -> None:
         self._preempted = self._requeue_asked = True
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._preempted = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """SIGTERM during training is ours too (Lightning's handler, installed just before this hook, broadcasts
+        from inside the signal handler, which can meet another rank mid-collective or one that has left): the flag
+        is agreed on by all ranks at the next step boundary instead."""
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._old_handler is not None:
             signal.signal(self._signum, self._old_handler)
             self._old_handler = None
+        if getattr(self, "_old_sigterm", None) is not None:
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         """``last.ckpt`` always links the newest finished checkpoint of the folder.  Lightning records the last
@@ -141,21 +139,27 @@ class RecipeCheckpoint(ModelCheckpoint):
         stop = self._preempted or trainer.received_sigterm
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
+        if stop and not self._last_step(trainer):
             self._save_now(trainer)
-            if self._slurm:
-                self._save_for_requeue(trainer)
-            raise SIGTERMException()
+            path, requeue = self._save_for_requeue(trainer) if self._slurm else (self.last_model_path, False)
+            raise Preempted(trainer.global_step, path or None, requeue)
 
-    def _save_for_requeue(self, trainer: L.Trainer) -> None:
-        """Lightning's SLURM hand-over: ``hpc_ckpt_<n>.ckpt`` (auto-resumed by a job that sees it), then requeue."""
+    @staticmethod
+    def _last_step(trainer: L.Trainer) -> bool:
+        """The step just finished is the run's last (max_steps, or the last batch of the last epoch): no stop."""
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        return trainer.is_last_batch and 0 < max_epochs <= trainer.current_epoch + 1
+
+    def _save_for_requeue(self, trainer: L.Trainer) -> tuple:
+        """Lightning's SLURM hand-over: ``hpc_ckpt_<n>.ckpt``, auto-resumed by a job that sees it."""
         requeue = self._requeue_asked
         if trainer.world_size > 1:
             requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)
-        if requeue and trainer.is_global_zero:
-            _requeue_slurm_job()
+        trainer.save_checkpoint(path, weights_only=False)
+        return path, requeue
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:

@@ -1,5 +1,9 @@
 """Entry point: ``python -m recipes fit --config recipes/fox_lm.yaml``."""
-import torch
+from callbacks.preemption import ignore_slurm_signals_at_exit, watch_slurm_signals
+
+watch_slurm_signals()  # first: SLURM's --signal warning may land while torch is still importing
+
+import torch  # noqa: E402
 
 # Flush subnormal floats to zero before any thread pool starts (worker threads inherit the setting).  Gate-decayed
 # attention probabilities are often subnormal, and subnormal arithmetic slows the CPU kernels 5-7x.
@@ -8,4 +12,6 @@ torch.set_flush_denormal(True)
 from recipes.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    ignore_slurm_signals_at_exit()
+    raise SystemExit(code)

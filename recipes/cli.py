@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.guards import FiniteLossGuard, NonFiniteLossError, RecipeCheckpoint
+from callbacks.preemption import PREEMPTED_EXIT_CODE, Preempted, end_preempted_run, watch_slurm_signals
 from callbacks.run_files import run_dir
 from callbacks.wandb_media import LogPlotsToWandb
 from recipes import checkpoints
@@ -254,8 +255,12 @@ def main(args: Optional[List[str]] = None) -> int:
     debug = os.environ.get("RECIPES_DEBUG") == "1"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # The method callbacks' epoch summaries (fl/*: multipliers identical on every rank; topo/*, samples/*: computed
-    # on rank 0) need no all-reduce, but Lightning suggests sync_dist=True for every epoch-level value under DDP.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(fl|topo|samples)/")
+    # on rank 0) and FoX's evaluation summaries (val|test/loss_<a>_<b>, gates/*: computed from torchmetrics states,
+    # already reduced over ranks) need no all-reduce, but Lightning suggests sync_dist=True for every epoch-level
+    # value under DDP.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('((fl|topo|samples|gates)/|"
+                                              r"(val|test)/loss_\d+_\d+')")
+    watch_slurm_signals()
     try:
         RecipeCLI(
             L.LightningModule, L.LightningDataModule,
@@ -264,10 +269,11 @@ def main(args: Optional[List[str]] = None) -> int:
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             args=args,
         )
-    except SIGTERMException:
-        print("stopped by a preemption signal (SIGTERM/SIGUSR1) after saving a checkpoint; resume with "
-              "--ckpt_path last (a requeued SLURM job resumes by itself)", file=sys.stderr)
-        return 143
+    except Preempted as stop:  # a checkpoint is saved; requeue (SLURM) or say how to resume
+        return end_preempted_run(stop)
+    except SIGTERMException:  # raised by Lightning itself, outside RecipeCheckpoint's reach
+        print("stopped by a preemption signal; resume with --ckpt_path last", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except USER_ERRORS as err:
         if debug or not is_user_error(err):
             raise

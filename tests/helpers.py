@@ -167,6 +167,19 @@ try:
             if self.seen == self.batch:
                 os.kill(os.getpid(), getattr(sig, self.signal))
 
+    class SignalAfterFit(L.Callback):
+        """Test helper: send ``signal`` to this process as it exits, after the run (SLURM's time-limit warning
+        landing once the work is done)."""
+
+        def __init__(self, signal: str = "SIGUSR1"):
+            self.signal = signal
+
+        def teardown(self, trainer, pl_module, stage):
+            import atexit
+            import signal as sig
+
+            atexit.register(os.kill, os.getpid(), getattr(sig, self.signal))
+
     class TouchAtStep(L.Callback):
         """Test helper: create the file ``path`` once ``global_step`` reaches ``step`` (tells a test when to signal)."""
 

@@ -62,8 +62,8 @@ def _fake_srun(tmp_path):
 @pytest.mark.parametrize("recipe, strategy, want", [("recipes/fox_760m.yaml", None, None),
                                                      ("recipes/cbsom_digits.yaml", "ddp", "ddp")])
 def test_sbatch_script_derives_the_scale_and_keeps_the_recipes_strategy(tmp_path, recipe, strategy, want):
-    env = {**os.environ, "PATH": f"{_fake_srun(tmp_path)}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_CPUS_PER_TASK": "6", "PYTHON": "python3"}
+    env = {**os.environ, "PATH": f"{_fake_srun(tmp_path)}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_CPUS_PER_TASK": "6", "PYTHON": "python3"}
     env.pop("STRATEGY", None)
     if strategy:
         env["STRATEGY"] = strategy

@@ -99,22 +99,37 @@ def fake_slurm(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal, requeued", [("SIGUSR1", True), ("SIGTERM", False)])
+@pytest.mark.parametrize("signal, handover, code", [("SIGUSR1", False, 0), ("SIGUSR1", True, 0),
+                                                    ("SIGTERM", False, 143)])
 def test_under_slurm_the_requeue_signal_saves_at_a_step_boundary_requeues_and_the_requeued_job_resumes(
-        tmp_path, straight, signal, requeued):
+        tmp_path, straight, signal, handover, code):
     """Lightning's own SLURM handler would save the moment SIGUSR1 lands (here: between micro-batches of step 4, so
     the hpc checkpoint would hold step 3 plus half a step's loop progress).  The recipe saves after step 4, writes
-    Lightning's hpc checkpoint, calls ``scontrol requeue <job>`` (SIGUSR1 only) and stops; the same command run again
-    in the same SLURM environment (no --ckpt_path) resumes from that file and ends where an uninterrupted run ends."""
+    Lightning's hpc checkpoint and stops; then, once training has torn down, either hands the requeue to the batch
+    script (``RECIPES_REQUEUE_FILE``, as scripts/slurm/train.sbatch sets it: the file says where it stopped, no
+    ``scontrol`` call) or calls ``scontrol requeue <job>`` itself (SIGUSR1 only).  The same command run again in the
+    same SLURM environment (no --ckpt_path) resumes from that file and ends where an uninterrupted run ends.  The
+    real-SLURM version is tests/test_slurm.py."""
     env = fake_slurm(tmp_path)
-    send = f"    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 11\n        signal: {signal}\n"
+    if handover:
+        env["RECIPES_REQUEUE_FILE"] = str(tmp_path / "requeue.txt")
+    send = (f"    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 11\n"
+            f"        signal: {signal}\n")
     stopped = run_cli(args(tmp_path, "job", send), env=env)
-    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
     hpc = torch.load(tmp_path / "job" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert hpc["global_step"] == 4
     assert hpc["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 12
     calls = tmp_path / "scontrol_calls.txt"
-    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeued else [])
+    requeued_here = signal == "SIGUSR1" and not handover
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeued_here else [])
+    said = (tmp_path / "requeue.txt").read_text().strip() if handover else stopped.stderr.strip().splitlines()[-1]
+    if signal == "SIGUSR1":
+        assert said.startswith("preempted at step 4 (saved ") and "hpc_ckpt_1.ckpt" in said
+        assert said.endswith("requeued SLURM job 4242, which resumes from that checkpoint by itself")
+    else:
+        assert said.startswith("stopped by a preemption signal at step 4") and "--ckpt_path last" in said
 
     start = tmp_path / "start_step.txt"
     record = f"    - class_path: tests.helpers.RecordStartStep\n      init_args:\n        path: {start}\n"
@@ -125,3 +140,19 @@ def test_under_slurm_the_requeue_signal_saves_at_a_step_boundary_requeues_and_th
     assert b["global_step"] == STEPS
     for key in straight["state_dict"]:
         torch.testing.assert_close(b["state_dict"][key], straight["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("when", ["last_step", "after_fit"])
+def test_under_slurm_a_warning_signal_after_the_work_is_done_changes_nothing(tmp_path, when):
+    """SLURM's --signal warning landing in the last step or after training (teardown, reports, exit): the run ends
+    as finished (exit 0, no stop, no requeue); SIGUSR1's default action would kill it ("User defined signal 1")."""
+    env = fake_slurm(tmp_path)
+    helper = (f"    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: {4 * ACCUMULATE - 1}\n"
+              "        signal: SIGUSR1\n" if when == "last_step" else
+              "    - class_path: tests.helpers.SignalAfterFit\n")
+    proc = run_cli([*args(tmp_path, "job", helper), "--trainer.max_steps=4"], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "scontrol_calls.txt").exists() and not (tmp_path / "job" / "hpc_ckpt_1.ckpt").exists()
+    assert last(tmp_path / "job")["global_step"] == 4
+
+
