@@ -15,6 +15,9 @@ def test_the_config_describes_this_node_with_its_own_munge_socket_and_state(tmp_
     assert conf["SlurmctldPort"] != conf["SlurmdPort"] and conf["JobRequeue"] == "1"
     node = next(line for line in cluster._slurm_conf(tmp_path / "s").splitlines() if line.startswith("NodeName"))
     assert node == f"NodeName={cluster.node} CPUs=3 State=UNKNOWN"
+    # a requeued job waits for the job credential to expire: 120 s by default, 10 s without the delay
+    quick = LocalSlurm(str(tmp_path), cpus=3, requeue_delay=False)._slurm_conf(tmp_path / "m.socket")
+    assert f"AuthInfo=socket={tmp_path / 'm.socket'},cred_expire=10" in quick.splitlines()
 
 
 def test_not_root_is_a_clear_reason(monkeypatch):

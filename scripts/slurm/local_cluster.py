@@ -9,8 +9,9 @@
 
 runs the command with ``SLURM_CONF`` pointing at the cluster (``sbatch``, ``squeue``, ``scontrol`` ... then talk to
 it) and exits with its exit code.  ``--install`` installs Debian/Ubuntu's ``slurm-wlm`` and ``munge`` with apt-get
-when they are missing.  Needs root (slurmd starts jobs as their users).  ``--no-requeue-delay`` starts a requeued job
-at once instead of after SLURM's fixed two-minute hold (the test suite uses it to keep preemption tests short).
+when they are missing.  Needs root (slurmd starts jobs as their users).  ``--no-requeue-delay`` lets SLURM start a
+requeued job after 11 s instead of its default two minutes (the hold is the job credential's lifetime,
+``AuthInfo=cred_expire``; the test suite shortens it to keep preemption tests short).
 ``LocalSlurm`` is the same thing as a context manager for tests (tests/test_slurm.py).
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -83,8 +83,6 @@ class LocalSlurm:
         self.node = socket.gethostname().split(".")[0]
         self.requeue_delay = requeue_delay
         self.procs: List[subprocess.Popen] = []
-        self._stop_releasing = threading.Event()
-        self._releaser: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ start / stop
     def __enter__(self) -> "LocalSlurm":
@@ -120,16 +118,15 @@ class LocalSlurm:
         self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
         self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf)])
         self._wait(self._node_ready, timeout, "the node did not become idle")
-        if not self.requeue_delay:
-            self._releaser = threading.Thread(target=self._release_loop, daemon=True)
-            self._releaser.start()
 
     def _slurm_conf(self, munge_socket: Path) -> str:
+        """``cred_expire`` (default 120 s) is also how long SLURM holds a requeued job before it may start again."""
         d = self.dir
+        auth = f"socket={munge_socket}" + ("" if self.requeue_delay else ",cred_expire=10")
         return "\n".join([
             "ClusterName=recipes", f"SlurmctldHost={self.node}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo={auth}",
             f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
             f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd.pid'}",
             f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
@@ -162,7 +159,6 @@ class LocalSlurm:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        self._stop_releasing.set()
         if self.procs:
             subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True)
             end = time.monotonic() + 60
@@ -212,19 +208,6 @@ class LocalSlurm:
                 raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s")
             time.sleep(1)
 
-    def _release_loop(self) -> None:
-        """Start requeued jobs at once: SLURM holds a requeued batch job for two minutes (BeginTime)."""
-        while not self._stop_releasing.wait(1.0):
-            for job_id in self._queue():
-                try:
-                    info = self.job(job_id)
-                except RuntimeError:
-                    continue
-                if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" \
-                        and int(info.get("Restarts", "0")) > 0:
-                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
-                                   capture_output=True)
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -234,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cpus", type=int, help="CPUs the node offers (default: all of this machine's)")
     parser.add_argument("--install", action="store_true", help="apt-get install slurm-wlm munge when missing")
     parser.add_argument("--no-requeue-delay", action="store_true",
-                        help="start requeued jobs at once instead of after SLURM's two-minute hold")
+                        help="start requeued jobs after 11 s instead of SLURM's two-minute hold")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ... to run against the cluster")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
