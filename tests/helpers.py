@@ -7,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 SMALL_DATA = ["--data.init_args.max_bytes=300000"]  # embedded data, but quick to read
+MNIST_TASKS = ("mnist", "fashion_mnist", "kmnist", "qmnist", "emnist_digits", "emnist_letters", "emnist_mnist")
 
 
 def write_cifar(root, variant="cifar10", n=20):
@@ -75,6 +76,45 @@ SHRINK_LARGE_FOX = ["--model.init_args.d_model=64", "--model.init_args.n_layers=
                     "--trainer.accumulate_grad_batches=2"]
 
 
+def _write_idx(path, array, code=0x08):
+    """An idx (SN3 Pascal Vincent) file: magic (type code, rank), big-endian sizes, then the data."""
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=">i4" if code == 0x0C else np.uint8)
+    header = struct.pack(">I", (code << 8) | array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    Path(path).write_bytes(header + array.tobytes())
+
+
+def write_mnist_family(root, tasks=("mnist", "fashion_mnist", "kmnist"), n_train=40, n_test=20, seed=0):
+    """torchvision's raw layout for MNIST-family tasks (``datamodules.bias_tasks.MNIST_FAMILY``) with random images."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folders = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "qmnist": "QMNIST"}
+    for task in tasks:
+        images = {split: rng.integers(0, 256, (n, 28, 28)) for split, n in (("train", n_train), ("test", n_test))}
+        labels = {split: rng.integers(1 if task == "emnist_letters" else 0, 27 if task == "emnist_letters" else 10,
+                                      len(images[split])) for split in images}
+        raw = Path(root) / (folders.get(task) or "EMNIST") / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            if task == "qmnist":  # labels: (n, 8) int32, class first
+                extended = np.zeros((len(labels[split]), 8), dtype=np.int64)
+                extended[:, 0] = labels[split]
+                _write_idx(raw / f"qmnist-{split}-images-idx3-ubyte", images[split])
+                _write_idx(raw / f"qmnist-{split}-labels-idx2-int", extended, code=0x0C)
+            elif task.startswith("emnist_"):
+                prefix = f"emnist-{task.split('_', 1)[1]}-{split}"
+                _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[split])
+                _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[split])
+            else:
+                prefix = "train" if split == "train" else "t10k"
+                _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[split])
+                _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[split])
+
+
 def recipe_data_args(recipe, tmp_path):
     """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
     is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
@@ -85,6 +125,10 @@ def recipe_data_args(recipe, tmp_path):
                 "--trainer.devices=1", "--trainer.strategy=auto"]
     if "datamodules.text.TextDataModule" in text:
         return list(SMALL_DATA)
+    if "datamodules.bias_tasks.MNISTFamilyDataModule" in text:  # all seven tasks, tiny files, a narrow network
+        write_mnist_family(tmp_path / "mnist", MNIST_TASKS)
+        return [f"--data.init_args.path={tmp_path / 'mnist'}", "--data.init_args.batch_size=16",
+                "--model.init_args.width=64"]
     if "datamodules.images.CIFARDataModule" in text:
         write_cifar(tmp_path / "cifar", n=16)
         return [f"--data.init_args.path={tmp_path / 'cifar'}", "--data.init_args.batch_size=4",

@@ -1,0 +1,103 @@
+"""Training-step cost of bias-only learning against full training of the same network (same width, same draw).
+
+    python scripts/bench_bias_only.py [--widths 1024 4096 16384] [--features 64 784] [--reps 30]
+
+A step is forward + backward + Adam on a batch of 128; the two modes run round-robin in one process
+(``scripts._report.interleaved_times``) and the table gives the ratio bias-only / full.  With frozen weights the
+backward computes no weight gradient (one matmul of three per layer) and Adam touches only the biases.  Memory: the
+bytes of trained state (parameters, gradients, Adam's two moments), exact; on CUDA also the peak allocated memory of
+a step.  Results go to docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_modules.bias_learning import BiasLearningMLP  # noqa: E402
+from scripts._report import interleaved_times, update_section  # noqa: E402
+
+
+def make_step(model: BiasLearningMLP, x: torch.Tensor, y: torch.Tensor, task: torch.Tensor):
+    opt = model.configure_optimizers()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.training_step((x, y, task), 0).backward()
+        opt.step()
+    return step
+
+
+def trained_state_bytes(model: BiasLearningMLP) -> int:
+    return sum(4 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # p, grad, m, v
+
+
+def peak_cuda_bytes(step, device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def bench(widths, features_list, reps: int, device: str, batch: int = 128):
+    rows = []
+    for features in features_list:
+        for width in widths:
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand(batch, features, generator=g).to(device)
+            y = torch.randint(0, 10, (batch,), generator=g).to(device)
+            task = torch.zeros(batch, dtype=torch.long, device=device)
+            models = {mode: BiasLearningMLP(width=width, in_features=features, train_weights=mode == "full").to(device)
+                      for mode in ("bias_only", "full")}
+            for m in models.values():
+                m.log = lambda *a, **k: None  # no trainer: skip logging
+            steps = {mode: make_step(m, x, y, task) for mode, m in models.items()}
+            times = interleaved_times(steps, reps, device)
+            rows.append({"features": features, "width": width, "bias_ms": 1e3 * times["bias_only"],
+                         "full_ms": 1e3 * times["full"], "ratio": times["bias_only"] / times["full"],
+                         "bias_state": trained_state_bytes(models["bias_only"]),
+                         "full_state": trained_state_bytes(models["full"]),
+                         "bias_peak": peak_cuda_bytes(steps["bias_only"], device),
+                         "full_peak": peak_cuda_bytes(steps["full"], device)})
+            r = rows[-1]
+            print(f"d={features:4d} N={width:6d}: bias-only {r['bias_ms']:.2f} ms, full {r['full_ms']:.2f} ms, "
+                  f"ratio {r['ratio']:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--features", type=int, nargs="+", default=[64, 784])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    rows = bench(args.widths, args.features, args.reps, args.device)
+    where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
+    lines = ["## Bias-only vs full training: step time and trained state (issue #13)", "",
+             f"`python scripts/bench_bias_only.py {' '.join(sys.argv[1:])}` ({where}, batch 128, median of "
+             f"{args.reps} interleaved steps of forward + backward + Adam; one hidden layer, 10 classes).", "",
+             "| inputs d | width N | bias-only ms | full ms | bias-only / full | trained state bias-only | full |"
+             + (" peak bias-only | peak full |" if args.device.startswith("cuda") else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if args.device.startswith("cuda") else "")]
+    for r in rows:
+        line = (f"| {r['features']} | {r['width']} | {r['bias_ms']:.2f} | {r['full_ms']:.2f} | **{r['ratio']:.2f}** | "
+                f"{r['bias_state'] / 1024:.0f} KiB | {r['full_state'] / 2**20:.1f} MiB |")
+        if args.device.startswith("cuda"):
+            line += f" {r['bias_peak'] / 2**20:.1f} MiB | {r['full_peak'] / 2**20:.1f} MiB |"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    update_section("bias_only_step", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
