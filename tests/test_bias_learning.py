@@ -202,9 +202,11 @@ def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
     assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-3:]
 
 
-def test_a_negative_gain_is_one_line(tmp_path):
-    with pytest.raises(ValueError, match="model.gain must be >= 0, got -1"):
-        BiasLearningRNN(width=8, gain=-1.0)
+def test_a_negative_gain_is_one_line(tmp_path, capsys):
+    code = main(["fit", "--config", "recipes/bias_rnn_vanderpol.yaml", "--model.init_args.gain=-1",
+                 *run_dir_args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == "error: ValueError: model.gain must be >= 0, got -1.0", err[-3:]
     assert math.isfinite(float(BiasLearningRNN(width=8, gain=0.0)(5).sum()))  # gain 0: no recurrence, valid
 
 
