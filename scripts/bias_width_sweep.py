@@ -223,7 +223,7 @@ def main() -> None:
     switch = switching(args.switch_width, args.switch_epochs, args.out) if "switch" in args.parts else {}
     rnn_rows = [rnn_point(g, args.rnn_width, args.rnn_iterations, args.out) for g in args.gains] \
         if "rnn" in args.parts else []
-    print(write(args.out, width_rows, switch, rnn_rows, "python scripts/bias_width_sweep.py " + " ".join(sys.argv[1:])))
+    print(write(args.out, width_rows, switch, rnn_rows, " ".join(["python scripts/bias_width_sweep.py", *sys.argv[1:]])))
 
 
 if __name__ == "__main__":
