@@ -76,6 +76,13 @@ SHRINK_LARGE_FOX = ["--model.init_args.d_model=64", "--model.init_args.n_layers=
                     "--trainer.accumulate_grad_batches=2"]
 
 
+def last_checkpoint(folder):
+    """The checkpoint ``folder/checkpoints/last.ckpt`` links, loaded on the CPU."""
+    import torch
+
+    return torch.load(Path(folder) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
 def _write_idx(path, array, code=0x08):
     """An idx (SN3 Pascal Vincent) file: magic (type code, rank), big-endian sizes, then the data."""
     import struct

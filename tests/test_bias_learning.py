@@ -12,7 +12,7 @@ from datamodules.bias_tasks import DIGIT_TASKS, DigitsTasksDataModule, MNISTFami
 from lightning_modules.bias_learning import BiasLearningMLP, BiasLearningRNN, CrossTaskAccuracy
 from lightning_modules.layers.frozen_random import LeakyRandomRNN, RandomLinear, random_weight
 from recipes.cli import main
-from tests.helpers import MNIST_TASKS, ROOT, run_dir_args, write_mnist_family
+from tests.helpers import MNIST_TASKS, ROOT, last_checkpoint, run_dir_args, write_mnist_family
 
 TASKS = ["a", "b", "c"]
 
@@ -215,10 +215,6 @@ MULTI = ["fit", "--config", "recipes/bias_multitask_digits.yaml", "--model.init_
          "--trainer.val_check_interval=6", "--trainer.enable_progress_bar=false"]
 
 
-def _last(path):
-    return torch.load(path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-
-
 def test_a_killed_multitask_run_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path):
     """27 steps per epoch: the kill after step 7 and the resume from step 5 are mid-epoch."""
     from tests.helpers import run_cli
@@ -229,10 +225,10 @@ def test_a_killed_multitask_run_resumed_mid_epoch_equals_an_uninterrupted_one(tm
     killer.write_text("trainer:\n  callbacks:\n    - class_path: tests.helpers.KillAfterStep\n      init_args:\n"
                       "        step: 7\n")
     crashed = run_cli([*MULTI, "--config", str(killer), *run_dir_args(tmp_path / "resumed")])
-    assert crashed.returncode == -9 and _last(tmp_path / "resumed")["global_step"] == 5
+    assert crashed.returncode == -9 and last_checkpoint(tmp_path / "resumed")["global_step"] == 5
     resumed = run_cli([*MULTI, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _last(tmp_path / "straight"), _last(tmp_path / "resumed")
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed")
     assert a["global_step"] == b["global_step"] == 12 and set(a["state_dict"]) == set(b["state_dict"])
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
@@ -249,7 +245,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path)
                         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
                         *run_dir_args(tmp_path / name)], env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return _last(tmp_path / name)
+        return last_checkpoint(tmp_path / name)
 
     ddp, one = fit("ddp", 2, 64), fit("one", 1, 128)
     assert ddp["global_step"] == one["global_step"] == 6

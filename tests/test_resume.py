@@ -1,7 +1,7 @@
 """A run killed after a checkpoint and resumed with --ckpt_path last ends with the weights of an uninterrupted run."""
 import torch
 
-from tests.helpers import SMALL_DATA, run_cli
+from tests.helpers import SMALL_DATA, last_checkpoint as final_weights, run_cli
 
 COMMON = ["fit", "--config", "recipes/fox_lm.yaml", "--trainer.max_steps=8", "--checkpoint.every_n_train_steps=3",
           "--trainer.val_check_interval=4", "--data.init_args.val_windows=2", "--model.init_args.n_layers=2",
@@ -10,10 +10,6 @@ COMMON = ["fit", "--config", "recipes/fox_lm.yaml", "--trainer.max_steps=8", "--
 
 def dirs(path):
     return [f"--trainer.default_root_dir={path}", f"--trainer.logger.init_args.save_dir={path}"]
-
-
-def final_weights(path):
-    return torch.load(path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
