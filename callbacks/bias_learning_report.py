@@ -7,9 +7,10 @@
 * ``task_variance.{csv,png}``: per hidden unit, the variance of its activation over each task's inputs (Yang et al.
   2019's task variance, normalised by the unit's largest), units clustered by their task profile (k-means) and
   sorted by cluster;
-* ``bias_vs_task_variance.csv``: per task, the correlation across units between the learned bias and the task
-  variance, and the fraction of units the task's biases leave active;
-* ``learned_biases.png``: the learned hidden biases per task.
+* ``bias_vs_task_variance.csv``: per task, the correlation across units between the learned bias (mask-learning
+  runs: the learned mask score) and the task variance, the fraction of units the task leaves active on its inputs,
+  the fraction its mask keeps (1 for bias learning), and the accuracy;
+* ``learned_biases.png``: the learned hidden biases (or mask scores) per task.
 
 ``TrajectoryReport`` (the RNN recipes): ``trajectory.{csv,png}``, the target and the generated trajectory, with the
 MSE and the MSE over the target's variance.
@@ -107,19 +108,20 @@ class BiasLearningReport(L.Callback):
             w = csv.writer(fh)
             w.writerow(["unit", "cluster", *(f"tv_{t}" for t in tasks)])
             w.writerows([u, int(labels[u]), *(f"{v:.6g}" for v in tv[u])] for u in range(len(tv)))
-        biases = {t: pl_module.hidden.biases[t].detach().cpu().double().numpy() for t in tasks}
+        biases = {t: pl_module.unit_parameters(t).detach().cpu().double().numpy() for t in tasks}
         with open(os.path.join(out, "bias_vs_task_variance.csv"), "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["task", "pearson_bias_tv", "active_fraction", "accuracy"])
+            w.writerow(["task", "pearson_bias_tv", "active_fraction", "units_on", "accuracy"])
             for k, t in enumerate(tasks):
                 h = result["hidden"].get(k)
                 active = float((h > 0).any(0).double().mean()) if h is not None else float("nan")
                 w.writerow([t, round(_pearson(biases[t], tv[:, k]), 4), round(active, 4),
-                            round(float(result["accuracy"][k, k]), 4)])
-        self._plots(out, tasks, result, normalised, labels[live], biases)
+                            round(pl_module.units_on(t), 4), round(float(result["accuracy"][k, k]), 4)])
+        learned = "mask score" if getattr(pl_module, "mask", None) is not None else "hidden bias"
+        self._plots(out, tasks, result, normalised, labels[live], biases, learned)
 
     @staticmethod
-    def _plots(out, tasks, result, normalised, labels, biases) -> None:
+    def _plots(out, tasks, result, normalised, labels, biases, learned) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -156,7 +158,7 @@ class BiasLearningReport(L.Callback):
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for t in tasks:
             ax.hist(biases[t], bins=60, histtype="step", label=t)
-        ax.set_xlabel("learned hidden bias")
+        ax.set_xlabel(f"learned {learned}")
         ax.set_ylabel("units")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -6,6 +6,12 @@ trained, the baseline).  One frozen network serves several tasks by switching bi
 Batches are ``(x, y, task_index)``; a batch may mix tasks, each sample goes through its own task's biases, and a
 task absent from a batch gets no gradient, so training one task leaves every other task's biases bit-identical.
 
+``learn="masks"``: the paper's mask-learning comparison on the same frozen network.  The hidden biases are a frozen
+random draw too (``U[-R, R]``) and each task learns one score per hidden unit instead: the unit's output is gated by
+``sigmoid(k s)`` while training, with the steepness ``k`` annealed geometrically from ``steepness_start`` to
+``steepness_end`` over the run, and by the hard step ``s > 0`` at evaluation (the output bias is learned in both
+modes, so both train ``N + classes`` numbers per task).
+
 The test loop evaluates every bias set on every task: the cross-task accuracy matrix (``test/acc_<bias>_on_<task>``)
 and how often switching the bias set changes the prediction (``test/changed_<bias>_on_<task>``); the report callback
 (``callbacks.bias_learning_report``) plots them.
@@ -24,8 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_modules.layers.frozen_random import DISTRIBUTIONS, LeakyRandomRNN, RandomLinear
+from lightning_modules.layers.frozen_random import DISTRIBUTIONS, LeakyRandomRNN, RandomLinear, UnitMask
 from lightning_modules.layers.predictions import class_records
+
+
+LEARN = ("biases", "masks")
 
 
 class CrossTaskAccuracy(Metric):
@@ -66,8 +75,17 @@ class CrossTaskAccuracy(Metric):
 class BiasLearningMLP(L.LightningModule):
     def __init__(self, width: int = 1024, tasks: Optional[List[str]] = None, in_features: int = 64,
                  num_classes: int = 10, distribution: str = "uniform", radius: float = 1.0, seed: int = 0,
-                 train_weights: bool = False, lr: float = 3e-2, weight_decay: float = 0.0):
+                 train_weights: bool = False, lr: float = 3e-2, weight_decay: float = 0.0, learn: str = "biases",
+                 steepness_start: float = 1.0, steepness_end: float = 200.0):
         super().__init__()
+        if learn not in LEARN:
+            raise ValueError(f"model.learn={learn!r}; expected one of {', '.join(LEARN)}")
+        if learn == "masks" and train_weights:
+            raise ValueError("model.learn=masks selects units of a frozen network; it cannot be combined with "
+                             "model.train_weights=true")
+        if not 0 < steepness_start <= steepness_end:
+            raise ValueError(f"model.steepness_start={steepness_start}, model.steepness_end={steepness_end}; "
+                             "expected 0 < start <= end")
         if width < 1:
             raise ValueError(f"model.width must be >= 1, got {width}")
         if distribution not in DISTRIBUTIONS:
@@ -80,14 +98,35 @@ class BiasLearningMLP(L.LightningModule):
         self.save_hyperparameters()
         self.tasks = tasks
         # normal: N(0, radius^2 / d), so radius 1 is variance 1/d (the spec's second initialisation)
-        self.hidden = RandomLinear(in_features, width, distribution, radius, seed, tasks, train_weight=train_weights)
+        masks = learn == "masks"
+        self.hidden = RandomLinear(in_features, width, distribution, radius, seed, tasks, train_weight=train_weights,
+                                   bias_init="uniform" if masks else "zeros", train_bias=not masks)
+        self.mask = UnitMask(width, tasks) if masks else None
         self.readout = RandomLinear(width, num_classes, "normal", 1.0, seed + 10, tasks, train_weight=train_weights)
         self.val_acc = CrossTaskAccuracy(len(tasks))
         self.test_acc = CrossTaskAccuracy(len(tasks))
 
     # ------------------------------------------------------------------ model
     def features(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        return torch.relu(self.hidden(x.flatten(1), task))
+        h = torch.relu(self.hidden(x.flatten(1), task))
+        return h if self.mask is None else self.mask(h, task)
+
+    def unit_parameters(self, task: str) -> torch.Tensor:
+        """What the task learned per hidden unit: its hidden biases, or its mask scores."""
+        return (self.hidden.biases if self.mask is None else self.mask.scores)[task]
+
+    def units_on(self, task: str) -> float:
+        """Fraction of hidden units the task's mask keeps (1 without masks)."""
+        return 1.0 if self.mask is None else float((self.mask.scores[task] > 0).double().mean())
+
+    def _anneal(self) -> None:
+        """The mask steepness at this optimizer step: geometric from start to end over the planned steps."""
+        if self.mask is None:
+            return
+        total = max(1, int(self.trainer.estimated_stepping_batches) - 1) if self._trainer is not None else 1
+        progress = min(1.0, self.global_step / total)
+        start, end = self.hparams.steepness_start, self.hparams.steepness_end
+        self.mask.steepness.fill_(start * (end / start) ** progress)
 
     def forward(self, x: torch.Tensor, task: Optional[str] = None) -> torch.Tensor:
         task = self.tasks[0] if task is None else task
@@ -119,6 +158,7 @@ class BiasLearningMLP(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, task = batch
+        self._anneal()
         loss = F.cross_entropy(self.logits_by_task(x, task), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
@@ -140,6 +180,8 @@ class BiasLearningMLP(L.LightningModule):
         for name, value in zip(self.tasks, acc):
             self.log(f"val/acc_{name}", value.float())
         self.log("val/acc", acc.mean().float(), prog_bar=True)
+        if self.mask is not None:
+            self.log("val/units_on", sum(self.units_on(t) for t in self.tasks) / len(self.tasks))
 
     def test_step(self, batch, batch_idx):
         x, y, task = batch

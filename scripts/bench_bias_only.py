@@ -5,12 +5,17 @@
 A step is forward + backward + Adam on a batch of 128; the two modes run round-robin in one process
 (``scripts._report.interleaved_times``) and the table gives the ratio bias-only / full.  With frozen weights the
 backward computes no weight gradient (one matmul of three per layer) and Adam touches only the biases.  Memory: the
-bytes of trained state (parameters, gradients, Adam's two moments), exact; on CUDA also the peak allocated memory of
-a step.  Results go to docs/performance.md.
+bytes of trained state (parameters, gradients, Adam's two moments), exact; and the peak memory of training: on CUDA
+the peak allocated memory of a step, on CPU the growth of the peak resident set over three steps in a fresh Linux
+process per mode (peak RSS reset through ``/proc/self/clear_refs`` after building model and batch, ``VmHWM`` after
+the steps minus ``VmRSS`` before: activations, gradients and Adam state, with large blocks returned to the OS).  Results go to docs/performance.md.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +52,34 @@ def peak_cuda_bytes(step, device: str) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def peak_cpu_bytes(mode: str, features: int, width: int, batch: int) -> int:
+    """Peak-RSS growth of three training steps, measured in a fresh process (no other run's pages in the way)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big blocks go back to the OS when freed
+    out = subprocess.run([sys.executable, __file__, "--peak-child", mode, str(features), str(width), str(batch)],
+                         capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(mode: str, features: int, width: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = BiasLearningMLP(width=width, in_features=features, train_weights=mode == "full")
+    model.log = lambda *a, **k: None
+    x, y, task = torch.rand(batch, features), torch.randint(0, 10, (batch,)), torch.zeros(batch, dtype=torch.long)
+    step = make_step(model, x, y, task)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    before = _status_kib("VmRSS")
+    for _ in range(3):
+        step()
+    print(1024 * (_status_kib("VmHWM") - before))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(next(line for line in fh if line.startswith(key + ":")).split()[1])
+
+
 def bench(widths, features_list, reps: int, device: str, batch: int = 128):
     rows = []
     for features in features_list:
@@ -65,8 +98,10 @@ def bench(widths, features_list, reps: int, device: str, batch: int = 128):
                          "full_ms": 1e3 * times["full"], "ratio": times["bias_only"] / times["full"],
                          "bias_state": trained_state_bytes(models["bias_only"]),
                          "full_state": trained_state_bytes(models["full"]),
-                         "bias_peak": peak_cuda_bytes(steps["bias_only"], device),
-                         "full_peak": peak_cuda_bytes(steps["full"], device)})
+                         "bias_peak": peak_cuda_bytes(steps["bias_only"], device) if device != "cpu" else
+                         peak_cpu_bytes("bias_only", features, width, batch),
+                         "full_peak": peak_cuda_bytes(steps["full"], device) if device != "cpu" else
+                         peak_cpu_bytes("full", features, width, batch)})
             r = rows[-1]
             print(f"d={features:4d} N={width:6d}: bias-only {r['bias_ms']:.2f} ms, full {r['full_ms']:.2f} ms, "
                   f"ratio {r['ratio']:.2f}", flush=True)
@@ -79,20 +114,27 @@ def main() -> None:
     ap.add_argument("--features", type=int, nargs="+", default=[64, 784])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-child", nargs=4, metavar=("MODE", "D", "N", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peak_child:
+        mode, *sizes = args.peak_child
+        return _peak_child(mode, *map(int, sizes))
     rows = bench(args.widths, args.features, args.reps, args.device)
     where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
-    lines = ["## Bias-only vs full training: step time and trained state (issue #13)", "",
+    peak = "peak allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    lines = ["## Bias-only vs full training: step time and memory (issue #13)", "",
              f"`python scripts/bench_bias_only.py {' '.join(sys.argv[1:])}` ({where}, batch 128, median of "
-             f"{args.reps} interleaved steps of forward + backward + Adam; one hidden layer, 10 classes).", "",
-             "| inputs d | width N | bias-only ms | full ms | bias-only / full | trained state bias-only | full |"
-             + (" peak bias-only | peak full |" if args.device.startswith("cuda") else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if args.device.startswith("cuda") else "")]
+             f"{args.reps} interleaved steps of forward + backward + Adam; one hidden layer, 10 classes; trained state: "
+             f"parameters + gradients + Adam moments, exact; {peak}: of a training step"
+             + (", in a fresh process per mode)." if args.device == "cpu" else ")."), "",
+             "| inputs d | width N | bias-only ms | full ms | bias-only / full | trained state bias-only | full | "
+             f"{peak} bias-only | full | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         line = (f"| {r['features']} | {r['width']} | {r['bias_ms']:.2f} | {r['full_ms']:.2f} | **{r['ratio']:.2f}** | "
-                f"{r['bias_state'] / 1024:.0f} KiB | {r['full_state'] / 2**20:.1f} MiB |")
-        if args.device.startswith("cuda"):
-            line += f" {r['bias_peak'] / 2**20:.1f} MiB | {r['full_peak'] / 2**20:.1f} MiB |"
+                f"{r['bias_state'] / 1024:.0f} KiB | {r['full_state'] / 2**20:.1f} MiB | "
+                f"{r['bias_peak'] / 2**20:.1f} MiB | {r['full_peak'] / 2**20:.1f} MiB | "
+                f"**{r['bias_peak'] / max(1, r['full_peak']):.2f}** |")
         lines.append(line)
     text = "\n".join(lines) + "\n"
     update_section("bias_only_step", text)

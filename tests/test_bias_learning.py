@@ -10,7 +10,7 @@ import torch
 
 from datamodules.bias_tasks import DIGIT_TASKS, DigitsTasksDataModule, MNISTFamilyDataModule, digit_task
 from lightning_modules.bias_learning import BiasLearningMLP, BiasLearningRNN, CrossTaskAccuracy
-from lightning_modules.layers.frozen_random import LeakyRandomRNN, RandomLinear, random_weight
+from lightning_modules.layers.frozen_random import LeakyRandomRNN, RandomLinear, UnitMask, random_weight
 from recipes.cli import main
 from tests.helpers import MNIST_TASKS, ROOT, last_checkpoint, run_dir_args, write_mnist_family
 
@@ -115,6 +115,62 @@ def test_training_one_task_leaves_every_other_tasks_biases_bit_identical():
             assert torch.equal(p, before[n]) and p.grad is None, n
 
 
+def test_unit_mask_is_a_sigmoid_gate_in_training_and_a_hard_step_in_eval_float64():
+    mask = UnitMask(6, TASKS, score_init=0.0).double()
+    with torch.no_grad():
+        mask.scores["b"].copy_(torch.tensor([-2.0, -0.1, 0.0, 0.05, 0.3, 4.0]))
+        mask.steepness.fill_(7.5)
+    h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    s = mask.scores["b"]
+    ref_h, ref_s = h.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    out, ref = mask(h, "b"), ref_h * (1 / (1 + torch.exp(-7.5 * ref_s)))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (h, s), g), torch.autograd.grad(ref, (ref_h, ref_s), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    mask.eval()
+    assert torch.equal(mask(h, "b"), h * torch.tensor([0.0, 0, 0, 1, 1, 1], dtype=torch.float64))
+    assert torch.equal(mask(h, "a"), torch.zeros_like(h))  # score 0 is off
+    with pytest.raises(KeyError, match="unknown task 'z'"):
+        mask(h, "z")
+
+
+def test_mask_learning_trains_only_scores_and_output_biases_with_the_steepness_annealed(tmp_path):
+    import lightning as L
+
+    from datamodules.bias_tasks import DigitsTasksDataModule
+
+    model = BiasLearningMLP(width=64, tasks=["identity", "invert"], seed=4, learn="masks", steepness_start=2.0,
+                            steepness_end=50.0)
+    bias_model = BiasLearningMLP(width=64, tasks=["identity", "invert"], seed=4)
+    assert torch.equal(model.hidden.weight, bias_model.hidden.weight)  # the same frozen network
+    assert sorted(n for n, _ in model.named_parameters()) == [
+        "mask.scores.identity", "mask.scores.invert", "readout.biases.identity", "readout.biases.invert"]
+    assert model.trainable_parameters == bias_model.trainable_parameters == 2 * (64 + 10)
+    fixed = model.hidden.fixed_bias.clone()
+    assert fixed.abs().max() <= 1.0 and fixed.std() > 0.3 and "hidden.fixed_bias" not in model.state_dict()
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen.append(float(module.mask.steepness))
+
+    trainer = L.Trainer(max_steps=9, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, DigitsTasksDataModule(batch_size=256))
+    # geometric from 2 to 50 over the planned steps (max_steps=9): step k has 2 * 25^(k/8)
+    torch.testing.assert_close(torch.tensor(seen), 2.0 * 25.0 ** (torch.arange(9) / 8.0), rtol=1e-6, atol=0)
+    assert torch.equal(model.hidden.fixed_bias, fixed)
+    model.eval()
+    x = torch.rand(5, 64)
+    on = (model.mask.scores["invert"] > 0).float()
+    ref = torch.relu(x @ model.hidden.weight.T + fixed) * on @ model.readout.weight.T + model.readout.biases["invert"]
+    torch.testing.assert_close(model(x, "invert"), ref)
+    assert model.units_on("invert") == float(on.mean()) and bias_model.units_on("invert") == 1.0
+
+
 def test_cross_task_accuracy_counts():
     metric = CrossTaskAccuracy(2)
     preds = torch.tensor([[1, 2, 3, 4], [1, 0, 3, 0]])  # bias set 0 and 1 on four samples
@@ -194,6 +250,9 @@ def test_mnist_family_reads_torchvisions_files_one_task_per_dataset(tmp_path):
     (["--model.init_args.width=0"], "model.width must be >= 1, got 0"),
     (["--model.init_args.distribution=cauchy"], "model.distribution"),
     (["--data.init_args.tasks=[identity, vflip]"], "data tasks ['identity', 'vflip'] differ from model.tasks"),
+    (["--model.init_args.learn=weights"], "model.learn='weights'; expected one of biases, masks"),
+    (["--model.init_args.learn=masks", "--model.init_args.train_weights=true"], "cannot be combined"),
+    (["--model.init_args.steepness_start=0"], "model.steepness_start=0.0"),
 ])
 def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
     code = main(["fit", "--config", "recipes/bias_only_digits.yaml", "--trainer.max_steps=1", *extra,

@@ -25,3 +25,11 @@ def test_claim3_the_bias_only_rnn_needs_a_gain_above_one(tmp_path):
     rows = [sweep.rnn_point(g, 1024, 1500, tmp_path) for g in (0.5, 1.5)]
     verdict = sweep.checks([], {}, rows)
     assert all(verdict.values()), (verdict, rows)
+
+
+def test_bias_learning_beats_mask_learning_with_denser_solutions(tmp_path):
+    """The paper's comparison: same frozen network, biases vs per-unit masks (sigmoid gates annealed to steps)."""
+    rows = sweep.mask_comparison([1024], 150, tmp_path)
+    verdict = sweep.mask_checks(rows)
+    assert all(verdict.values()), (verdict, rows)
+    assert 0.2 < rows[0]["mask_units_on"] < 0.8  # masks switch a real fraction of the units off, not all or none

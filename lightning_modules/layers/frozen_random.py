@@ -11,6 +11,12 @@ Networks with Random Weights and Learned Biases"; spec ``shared/specs/random_wei
 * The bias is one vector per task in a ``ParameterDict`` (``tasks``; one task ``"default"`` unless given).  A batch
   uses one bias set, so the tasks it does not use get no gradient at all (``grad`` stays ``None``) and an optimizer
   leaves them bit-identical.  ``bias_init``: ``zeros`` or ``uniform`` (the same box as the weight).
+  ``train_bias=False`` makes it one frozen draw shared by every task (a non-persistent buffer, like the weight): the
+  random network mask learning selects units from.
+
+``UnitMask`` is the paper's mask-learning comparison: one learned score ``s`` per unit and task, the gate
+``sigmoid(k s)`` while training with the steepness ``k`` annealed upwards by the caller, and the hard step
+``s > 0`` in eval mode.
 
 ``LeakyRandomRNN`` is the leaky tanh RNN of the spec (4.4): ``r_t = (1 - dt) r_{t-1} + dt tanh(W r_{t-1} + B x_t +
 b)`` with ``W ~ N(0, g^2/N)`` a frozen ``RandomLinear`` whose bias is the learned ``b``.
@@ -45,7 +51,7 @@ def random_weight(out_features: int, in_features: int, distribution: str, scale:
 class RandomLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, distribution: str = "uniform", scale: float = 1.0,
                  seed: int = 0, tasks: Optional[Sequence[str]] = None, bias: bool = True, bias_init: str = "zeros",
-                 train_weight: bool = False):
+                 train_weight: bool = False, train_bias: bool = True):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"layer sizes must be >= 1, got in={in_features}, out={out_features}")
@@ -62,15 +68,23 @@ class RandomLinear(nn.Module):
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"task names must be distinct, got {self.tasks}")
         self.biases = nn.ParameterDict()
+        self.register_buffer("fixed_bias", None, persistent=False)
         if bias:
             g = torch.Generator().manual_seed(int(seed) + 1)
-            for task in self.tasks:
-                b = torch.zeros(out_features)
+
+            def draw() -> torch.Tensor:
                 if bias_init == "uniform":
-                    b = torch.rand(out_features, generator=g) * (2 * scale) - scale
-                self.biases[task] = nn.Parameter(b)
+                    return torch.rand(out_features, generator=g) * (2 * scale) - scale
+                return torch.zeros(out_features)
+
+            if not train_bias:
+                self.fixed_bias = draw()
+            for task in self.tasks if train_bias else ():
+                self.biases[task] = nn.Parameter(draw())
 
     def bias(self, task: Optional[str] = None) -> Optional[torch.Tensor]:
+        if self.fixed_bias is not None:
+            return self.fixed_bias
         if not len(self.biases):
             return None
         task = self.tasks[0] if task is None else task
@@ -84,6 +98,30 @@ class RandomLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.distribution}(scale={self.scale}), "
                 f"seed={self.seed}, tasks={len(self.tasks)}, weight={'trained' if self.train_weight else 'frozen'}")
+
+
+class UnitMask(nn.Module):
+    """Learned per-unit gates, one score vector per task: ``h * sigmoid(steepness * s_task)`` in train mode, ``h * (s_task
+    > 0)`` in eval mode (the soft gates annealed towards, then replaced by, hard steps).  ``steepness`` is a buffer the
+    owner sets every step from its schedule; scores start at ``score_init`` (every unit on)."""
+
+    def __init__(self, size: int, tasks: Optional[Sequence[str]] = None, score_init: float = 0.1):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"mask size must be >= 1, got {size}")
+        self.tasks = list(tasks) if tasks else ["default"]
+        self.scores = nn.ParameterDict({t: nn.Parameter(torch.full((size,), float(score_init))) for t in self.tasks})
+        self.register_buffer("steepness", torch.tensor(1.0), persistent=False)
+
+    def gate(self, task: Optional[str] = None) -> torch.Tensor:
+        task = self.tasks[0] if task is None else task
+        if task not in self.scores:
+            raise KeyError(f"unknown task {task!r}; this mask has score sets for {', '.join(self.tasks)}")
+        s = self.scores[task]
+        return torch.sigmoid(self.steepness * s) if self.training else (s > 0).to(s.dtype)
+
+    def forward(self, h: torch.Tensor, task: Optional[str] = None) -> torch.Tensor:
+        return h * self.gate(task).to(h.dtype)
 
 
 class LeakyRandomRNN(nn.Module):
