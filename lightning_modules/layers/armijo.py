@@ -5,8 +5,8 @@ scored with ``closure(backward=False)`` under ``no_grad``.  From ``alpha`` (``al
 ``reset()``), accept when ``L(theta - alpha g) <= L(theta) - c * alpha * ||g||^2``, else ``alpha <- beta * alpha``;
 the next search starts at ``reset_factor *`` the accepted step.  After ``max_trials`` rejections the parameters stay
 at the last rejected trial (the official behaviour; ``on_failure="restore"`` puts them back instead).  The official
-code calls ``reset()`` at every outer iteration (its ``train()``).  ``state["trials"]`` counts the backtracking steps
-of the last search.
+code calls ``reset()`` at every outer iteration (its ``train()``).  ``state["search"]`` holds the last search's
+``trials`` (backtracking steps), ``step`` and ``accepted``, and the running ``searches`` / ``total_trials``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Armijo(torch.optim.Optimizer):
         super().__init__(params, dict(lr=alpha_max))
         self.alpha_max, self.c, self.beta = alpha_max, c, beta
         self.reset_factor, self.max_trials, self.on_failure = reset_factor, max_trials, on_failure
-        self.state["search"] = {"alpha": alpha_max, "trials": 0, "accepted": True}
+        self.state["search"] = {"alpha": alpha_max, "trials": 0, "accepted": True, "searches": 0, "total_trials": 0}
 
     def reset(self) -> None:
         self.state["search"]["alpha"] = self.alpha_max
@@ -39,16 +39,19 @@ class Armijo(torch.optim.Optimizer):
         grads = [p.grad.detach().clone() for p in params]
         sq = sum(float(g.double().square().sum()) for g in grads)
         search = self.state["search"]
+        search["searches"] += 1
         alpha, f0 = search["alpha"], float(loss)
         for trial in range(self.max_trials + 1):
             for p, p0, g in zip(params, start, grads):
                 p.copy_(p0 - alpha * g)
             if float(closure(backward=False)) <= f0 - self.c * alpha * sq:
-                search.update(alpha=self.reset_factor * alpha, trials=trial, accepted=True, step=alpha)
+                search.update(alpha=self.reset_factor * alpha, trials=trial, accepted=True, step=alpha,
+                              total_trials=search["total_trials"] + trial)
                 return loss
             if trial < self.max_trials:
                 alpha *= self.beta
-        search.update(alpha=self.reset_factor * alpha, trials=self.max_trials, accepted=False, step=alpha)
+        search.update(alpha=self.reset_factor * alpha, trials=self.max_trials, accepted=False, step=alpha,
+                      total_trials=search["total_trials"] + self.max_trials)
         if self.on_failure == "restore":
             for p, p0 in zip(params, start):
                 p.copy_(p0)

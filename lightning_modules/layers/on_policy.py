@@ -4,10 +4,11 @@ One training step consumes one rollout (``datamodules.rollouts``) with the inner
 code: ``n_epochs`` passes over the flattened rollout in shuffled minibatches of ``batch_size``; per minibatch,
 advantages normalised within it (unbiased std), the policy loss named by ``loss`` (``layers.policy_losses``) minus
 ``ent_coef`` times the entropy on the actor, the squared error to the GAE returns on the critic, and one step of each
-of the two optimisers (``lr_actor``, ``lr_critic``; Adam, or the Armijo line search with ``armijo_actor`` /
-``armijo_critic``).  Actor and critic are separate networks, so one backward of the summed losses gives each its own
-gradient (and DDP one gradient average per minibatch).  ``max_grad_norm`` clips each optimiser's gradients (the
-official SPMA code does not clip: ``null``).  The minibatch order is a pure function of ``(seed, rollout, rank)``;
+of the actor and the critic (``lr_actor``, ``lr_critic``: one Adam with two parameter groups, which is the same
+update as the official code's two Adams; or the Armijo line search with ``armijo_actor`` / ``armijo_critic``, then
+two optimisers).  Actor and critic are separate networks, so one backward of the summed losses gives each its own
+gradient (and DDP one gradient average per minibatch).  ``max_grad_norm`` clips the actor's and the critic's
+gradients separately (the official SPMA code does not clip: ``null``).  The minibatch order is a pure function of ``(seed, rollout, rank)``;
 ``seed`` (initial weights, minibatch order) defaults to the run's ``seed_everything``.
 
 Logged per rollout: ``train/loss_actor``, ``train/loss_critic``, ``train/entropy``, ``train/kl`` (the k3 estimate of
@@ -116,12 +117,22 @@ class OnPolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        """One Adam with an actor and a critic parameter group (the same update as two Adams stepped together, at
+        half the per-step overhead); two optimisers when a side uses the Armijo line search."""
         hp = self.hparams
+        if not (hp.armijo_actor or hp.armijo_critic):
+            return torch.optim.Adam([{"params": self.policy.actor_parameters(), "lr": hp.lr_actor, "name": "actor"},
+                                     {"params": self.policy.critic_parameters(), "lr": hp.lr_critic,
+                                      "name": "critic"}], eps=1e-5, foreach=True)
         actor = Armijo(self.policy.actor_parameters()) if hp.armijo_actor else \
-            torch.optim.Adam(self.policy.actor_parameters(), lr=hp.lr_actor, eps=1e-5)
+            torch.optim.Adam(self.policy.actor_parameters(), lr=hp.lr_actor, eps=1e-5, foreach=True)
         critic = Armijo(self.policy.critic_parameters()) if hp.armijo_critic else \
-            torch.optim.Adam(self.policy.critic_parameters(), lr=hp.lr_critic, eps=1e-5)
+            torch.optim.Adam(self.policy.critic_parameters(), lr=hp.lr_critic, eps=1e-5, foreach=True)
         return [actor, critic]
+
+    def _clip(self, params) -> None:
+        if self.hparams.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm, foreach=True)
 
     def actor_loss(self, mb: Dict[str, torch.Tensor]) -> tuple:
         """``(loss, log pi_new, entropy)`` of a minibatch; subclasses may change the loss."""
@@ -158,47 +169,50 @@ class OnPolicyModule(L.LightningModule):
         size = min(hp.batch_size, n)
         rank = self.trainer.global_rank if self._trainer is not None else 0
         order = torch.Generator().manual_seed(self.seed * 1_000_003 + int(rollout["iteration"]) * 1009 + rank)
-        opt_actor, opt_critic = self.optimizers()
-        armijo = [isinstance(getattr(o, "optimizer", o), Armijo) for o in (opt_actor, opt_critic)]
-        for o, is_armijo in zip((opt_actor, opt_critic), armijo):
-            if is_armijo:
-                getattr(o, "optimizer", o).reset()  # the official code resets the search at every outer iteration
-        stats: Dict[str, List[float]] = {"loss_actor": [], "loss_critic": [], "entropy": [], "clip_fraction": []}
+        optimizers = self.optimizers()
+        joint = not isinstance(optimizers, list)  # one Adam, two parameter groups
+        if not joint:
+            opt_actor, opt_critic = optimizers
+            armijo = [isinstance(getattr(o, "optimizer", o), Armijo) for o in optimizers]
+            for o, is_armijo in zip(optimizers, armijo):
+                if is_armijo:
+                    getattr(o, "optimizer", o).reset()  # the official code restarts the search every outer iteration
+        actor_params, critic_params = self.policy.actor_parameters(), self.policy.critic_parameters()
+        stats: Dict[str, List[torch.Tensor]] = {"loss_actor": [], "loss_critic": [], "entropy": [],
+                                                "clip_fraction": []}
         for _ in range(hp.n_epochs):
             perm = torch.randperm(n, generator=order).to(self.device)
             for start in range(0, n - size + 1, size):  # full minibatches only, as SB3's rollout buffer
                 mb = {k: v[perm[start:start + size]] for k, v in flat.items()}
                 a_loss, logp, entropy = self.actor_loss(mb)
                 c_loss = self.critic_loss(mb)
-                stats["loss_actor"].append(float(a_loss.detach()))
-                stats["loss_critic"].append(float(c_loss.detach()))
-                stats["entropy"].append(float(entropy.mean()))
-                stats["clip_fraction"].append(float(clip_fraction(logp.detach(), mb["log_probs"], hp.clip_range)))
-                if not any(armijo):
-                    opt_actor.zero_grad(set_to_none=True)
-                    opt_critic.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    stats["loss_actor"].append(a_loss.detach())
+                    stats["loss_critic"].append(c_loss.detach())
+                    stats["entropy"].append(entropy.mean())
+                    stats["clip_fraction"].append(clip_fraction(logp, mb["log_probs"], hp.clip_range))
+                if joint:  # separate networks: one backward gives each loss's gradient to its own side
+                    optimizers.zero_grad(set_to_none=True)
                     self.manual_backward(a_loss + c_loss)
-                    for o in (opt_actor, opt_critic):
-                        if hp.max_grad_norm is not None:
-                            self.clip_gradients(o, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                        o.step()
+                    self._clip(actor_params)
+                    self._clip(critic_params)
+                    optimizers.step()
                     continue
-                for o, is_armijo, fn in ((opt_actor, armijo[0], lambda: self.actor_loss(mb)[0]),
-                                         (opt_critic, armijo[1], lambda: self.critic_loss(mb))):
+                for o, is_armijo, fn, params in ((opt_actor, armijo[0], lambda: self.actor_loss(mb)[0], actor_params),
+                                                 (opt_critic, armijo[1], lambda: self.critic_loss(mb), critic_params)):
                     if is_armijo:
                         self._armijo_step(getattr(o, "optimizer", o), fn)
                     else:
                         o.zero_grad(set_to_none=True)
                         self.manual_backward(fn())
-                        if hp.max_grad_norm is not None:
-                            self.clip_gradients(o, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                        self._clip(params)
                         o.step()
         with torch.no_grad():
             logp, _ = self.policy.evaluate(flat["obs"], flat["actions"])
             kl = kl_k3(logp, flat["log_probs"]).mean()
         log = dict(on_step=True, on_epoch=False, batch_size=n)
         for k, v in stats.items():
-            self.log(f"train/{k}", float(np.mean(v)) if v else float("nan"), sync_dist=True, **log)
+            self.log(f"train/{k}", torch.stack(v).mean() if v else float("nan"), sync_dist=True, **log)
         self.log("train/kl", kl, sync_dist=True, **log)
         self.log("train/explained_variance", explained_variance(flat["values"], flat["returns"]), sync_dist=True,
                  **log)
