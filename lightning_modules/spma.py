@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +56,30 @@ def npg_update(log_pi: torch.Tensor, A: torch.Tensor, eta: float) -> torch.Tenso
 
 def spg_update(z: torch.Tensor, A: torch.Tensor, d: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     return z + alpha * d[:, None] * z.softmax(-1) * A / (1 - gamma)
+
+
+def tabular_gaps(mdp: tabular_mdp.TabularMDP, method: str, T: int, step: float,
+                 on_policy=None) -> np.ndarray:
+    """``J* - J(pi_t)`` for t = 0..T-1 of ``spma`` / ``npg`` (step = eta) or ``spg`` (step = alpha) from the uniform
+    policy, in float64; ``on_policy(log_pi)`` sees every iterate (SPMA's unnormalised)."""
+    j_star = tabular_mdp.optimal(mdp)["J"]
+    z = torch.zeros(mdp.states, mdp.actions, dtype=D)
+    gaps = []
+    for _ in range(T):
+        log_pi = F.log_softmax(z, -1)
+        ev = tabular_mdp.evaluate(mdp, log_pi.exp())
+        gaps.append(j_star - ev["J"])
+        if method == "spma":
+            z, _ = spma_update(log_pi, ev["A"], step)
+        elif method == "npg":
+            z = npg_update(log_pi, ev["A"], step)
+        elif method == "spg":
+            z = spg_update(z, ev["A"], ev["d"], step, mdp.gamma)
+        else:
+            raise ValueError(f"method {method!r}; expected spma, npg or spg")
+        if on_policy is not None:
+            on_policy(z)
+    return np.maximum(np.array(gaps), 1e-300)
 
 
 def features(kind: str, states: int, actions: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -83,3 +83,11 @@ def update_section(name: str, text: str, path: Path = DOCS) -> None:
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def write_checked_section(name: str, lines: List[str], verdict: Dict[str, bool], path: Path) -> str:
+    """``lines`` plus a ``Checks:`` line (each acceptance threshold, yes / NO) as section ``name`` of ``path``;
+    returns the text."""
+    text = "\n".join([*lines, "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items()), ""])
+    update_section(name, text, path)
+    return text

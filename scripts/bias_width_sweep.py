@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import fit_run, update_section  # noqa: E402
+from scripts._report import fit_run, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 MLP = ["recipes/bias_only_digits.yaml"]
@@ -136,11 +136,7 @@ def write_masks(out: Path, rows: List[dict], epochs: int, command: str) -> str:
              "mask keeps | overlap |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['width']} | {r['bias_accuracy']:.3f} | {r['mask_accuracy']:.3f} | {r['bias_units_used']:.3f} | "
               f"{r['mask_units_used']:.3f} | {r['mask_units_on']:.3f} | {r['jaccard_used']:.3f} |" for r in rows]
-    verdict = mask_checks(rows)
-    lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items()), ""]
-    text = "\n".join(lines)
-    update_section("bias_learning_masks", text, RESULTS)
-    return text
+    return write_checked_section("bias_learning_masks", [*lines, ""], mask_checks(rows), RESULTS)
 
 
 def rnn_point(gain: float, width: int, iterations: int, out: Path, extra: Sequence[str] = ()) -> dict:
@@ -257,11 +253,7 @@ def write(out: Path, width_rows: List[dict], switch: dict, rnn_rows: List[dict],
         lines += [f"| {r['gain']} | {r['mse']:.4f} | {r['mse'] / r['target_variance']:.3f} |"
                   for r in sorted(rnn_rows, key=lambda r: r["gain"])]
         lines.append("")
-    verdict = checks(width_rows, switch, rnn_rows)
-    lines += ["Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items()), ""]
-    text = "\n".join(lines)
-    update_section("bias_learning", text, RESULTS)
-    return text
+    return write_checked_section("bias_learning", lines, checks(width_rows, switch, rnn_rows), RESULTS)
 
 
 def main() -> None:

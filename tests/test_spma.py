@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lightning_modules.layers import tabular_mdp as tm
 from lightning_modules.spma import (features, loglinear_policy, loglinear_spma_projection, npg_update, safe_eta,
-                                    spg_update, spma_update)
+                                    spma_update, tabular_gaps)
 from recipes.cli import main
 from tests.helpers import last_checkpoint, run_cli, run_dir_args
 
@@ -15,23 +15,13 @@ D = torch.float64
 
 
 def run(mdp, method, T, eta=0.1, alpha=None):
-    """Gaps ``J* - J(pi_t)`` for t = 0..T-1 of a tabular method from the uniform policy."""
-    j_star = tm.optimal(mdp)["J"]
-    z = torch.full((mdp.states, mdp.actions), 0.0, dtype=D)
-    gaps = []
-    for _ in range(T):
-        log_pi = F.log_softmax(z, -1)
-        ev = tm.evaluate(mdp, log_pi.exp())
-        gaps.append(j_star - ev["J"])
-        if method == "spma":
-            z, _ = spma_update(log_pi, ev["A"], eta)
-            sums = z.exp().sum(-1)
-            assert float((sums - 1).abs().max()) < 1e-12 and bool((z.exp() >= 0).all())  # on the simplex, no renorm
-        elif method == "npg":
-            z = npg_update(log_pi, ev["A"], eta)
-        else:
-            z = spg_update(z, ev["A"], ev["d"], alpha, mdp.gamma)
-    return np.array(gaps)
+    """Gaps of a tabular method; every SPMA iterate is checked to lie on the simplex without renormalisation."""
+    def on_simplex(z):
+        p = z.exp()
+        assert float((p.sum(-1) - 1).abs().max()) < 1e-12 and bool((p >= 0).all())
+
+    return tabular_gaps(mdp, method, T, eta if method != "spg" else alpha,
+                        on_simplex if method == "spma" else None)
 
 
 def slope(gaps, lo, hi):
