@@ -20,8 +20,9 @@ Rollout dict (tensors on the module's device): ``obs`` (T, N, ...), ``actions`` 
 (T, N); ``episode_returns`` / ``episode_lengths`` of the episodes that ended in it (raw rewards); ``iteration``.
 
 One epoch is ``rollouts_per_epoch`` rollouts, so ``trainer.max_epochs`` sets the run length: ``max_epochs *
-rollouts_per_epoch * n_steps * num_envs`` environment steps per rank.  Validation plays ``eval_episodes`` episodes
-with the deterministic policy on separate environments (fixed seeds, the training observation statistics frozen).
+rollouts_per_epoch * n_steps * num_envs`` environment steps per rank.  Validation, test and predict play
+``eval_episodes`` episodes (10 for test / predict when 0) with the deterministic policy on separate environments
+(fixed seeds, the training observation statistics frozen).
 
 Environment copy ``i`` of rank ``k`` is seeded from ``(seed, k, i)``; ``seed`` defaults to the run's
 ``seed_everything``.  Checkpoints hold the environments' exact state (synchronous envs; ``datamodules.envs.snapshot_envs``), the
@@ -262,8 +263,8 @@ class RolloutDataModule(L.LightningDataModule):
             self._load(self._pending_state)
             self._pending_state = None
 
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and self.collector is not None:
+    def teardown(self, stage: str) -> None:  # environment worker processes end with the run
+        if self.collector is not None:
             self.collector.env.close()
             self.collector = None
 
@@ -273,13 +274,20 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self):
         return DataLoader(_Evaluation(self), batch_size=None, num_workers=0) if self.hparams.eval_episodes else []
 
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(_Evaluation(self), batch_size=None, num_workers=0)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(_Evaluation(self), batch_size=None, num_workers=0)
+
     @torch.no_grad()
     def evaluate(self, policy: RolloutPolicy) -> Dict[str, torch.Tensor]:
         """``eval_episodes`` episodes with the deterministic policy on fresh environments (the same seeds every
         time, the training observation statistics frozen): raw returns and lengths."""
         hp = self.hparams
         world, rank = world_of(self.trainer)
-        n = min(hp.eval_episodes, 8)
+        episodes = hp.eval_episodes or 10  # test / predict with validation off
+        n = min(episodes, 8)
         env = make_vector_env(hp.env_id, n, False, hp.normalize_observation, False, hp.gamma, hp.env_kwargs)
         train_norm = find_wrapper(self.collector.env, NormalizeObservation) if self.collector else None
         norm = find_wrapper(env, NormalizeObservation)
@@ -306,7 +314,7 @@ class RolloutDataModule(L.LightningDataModule):
                 returns.append(ret[i])
                 lengths.append(int(length[i]))
                 ret[i], length[i] = 0.0, 0
-                if started < hp.eval_episodes:
+                if started < episodes:
                     started += 1
                 else:
                     active[i] = False

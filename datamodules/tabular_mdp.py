@@ -3,7 +3,8 @@
 ``kind``: ``chain`` (clear action gaps: the spec's choice for clean linear-convergence lines) or ``random``
 (Dirichlet transitions, uniform rewards: the spec's prototype instance).  The MDP is built in ``setup`` from the
 hyper-parameters alone, so every process and every resumed run has the same one.  The training loader yields one
-item per iteration, ``iterations_per_epoch`` per epoch (the module does an exact update per item).
+item per iteration, ``iterations_per_epoch`` per epoch (the module does an exact update per item); validation and
+test one item (an exact evaluation), predict one item per state.
 """
 from __future__ import annotations
 
@@ -41,3 +42,12 @@ class TabularMDPDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(torch.arange(self.hparams.iterations_per_epoch), batch_size=None, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:  # one item: the module evaluates its policy exactly
+        return DataLoader(torch.arange(1), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(1), batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:  # one item per state
+        return DataLoader(torch.arange(self.hparams.states), batch_size=None)

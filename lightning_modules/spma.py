@@ -217,6 +217,28 @@ class TabularPolicyOptimization(L.LightningModule):
         self.log("train/eta_t", float(eta_t), **log)
         self.log("train/simplex_error", simplex_error, **log)
 
+    def _exact(self, split: str) -> None:
+        ev = tabular_mdp.evaluate(self.mdp, self.policy())
+        self.log(f"{split}/J", ev["J"], batch_size=1)
+        self.log(f"{split}/gap", max(self.j_star - ev["J"], 0.0), prog_bar=split == "val", batch_size=1)
+
+    def validation_step(self, batch, batch_idx):
+        self._exact("val")
+
+    def test_step(self, batch, batch_idx):
+        self._exact("test")
+
+    def predict_step(self, batch, batch_idx):
+        """One record per state: ``index`` (state), ``prediction`` (the most likely action), its ``probability``,
+        ``optimal`` (an optimal action), ``value`` V^pi(s) and ``optimal_value`` V*(s)."""
+        s = int(batch)
+        pi = self.policy()
+        star = tabular_mdp.optimal(self.mdp)
+        V = tabular_mdp.evaluate(self.mdp, pi)["V"]
+        return [{"index": s, "prediction": int(pi[s].argmax()), "probability": round(float(pi[s].max()), 6),
+                 "optimal": int(star["pi"][s].argmax()), "value": round(float(V[s]), 6),
+                 "optimal_value": round(float(star["V"][s]), 6)}]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tabular_shape"] = tuple(self.z.shape)
 

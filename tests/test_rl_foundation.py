@@ -267,3 +267,31 @@ def test_rollout_shapes_and_seeding(env_id, kind, dim, obs_dim):
         assert torch.equal(r0[k], s0[k]) and torch.equal(r1[k], s1[k]), k
     (o0, _), _ = rollouts(6)
     assert not torch.equal(o0["obs"], r0["obs"])
+
+
+def test_worker_process_envs_collect_and_resume_by_reseeding():
+    """asynchronous=True: the same rollouts as the synchronous envs; their state cannot be snapshotted, so a resume
+    restores everything learnable (noise, statistics, counters) and restarts the episodes from seeds that depend on
+    the resumed iteration (documented in datamodules.rollouts)."""
+    sync = RolloutCollector(make_vector_env("CartPole-v1", 2), 32, 0.99, 0.95, seed=3)
+    workers = RolloutCollector(make_vector_env("CartPole-v1", 2, asynchronous=True, normalize_observation=True),
+                               32, 0.99, 0.95, seed=3)
+    plain = RolloutCollector(make_vector_env("CartPole-v1", 2, asynchronous=True), 32, 0.99, 0.95, seed=3)
+    policy = _Policy(4, "categorical", 2)
+    a, b = sync.collect(policy), plain.collect(policy)
+    for k in ("obs", "actions", "rewards", "dones"):
+        assert torch.equal(a[k], b[k]), k
+    workers.collect(policy)
+    state = workers.state_dict()
+    assert "envs" not in state and state["iteration"] == 1 and "normalize_observation" in state
+    fresh = RolloutCollector(make_vector_env("CartPole-v1", 2, asynchronous=True, normalize_observation=True),
+                             32, 0.99, 0.95, seed=99)
+    fresh.load_state_dict(state, reseed=3)
+    assert fresh.iteration == 1 and torch.equal(fresh.noise.get_state(), workers.noise.get_state())
+    from datamodules.envs import find_wrapper
+    restored = find_wrapper(fresh.env, NormalizeObservation).rms.count  # the saved statistics + the 2 reset rows
+    assert restored == pytest.approx(float(state["normalize_observation"]["count"]) + 2) and restored > 60
+    r = fresh.collect(policy)
+    assert int(r["iteration"]) == 1 and r["obs"].shape == (32, 2, 4)
+    for c in (sync, workers, plain, fresh):
+        c.env.close()

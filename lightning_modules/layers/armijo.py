@@ -1,7 +1,7 @@
 """Armijo backtracking line search along the negative gradient, as the official SPMA code's ``armijo_search``.
 
-``step(closure)``: ``closure()`` returns the loss with gradients computed (``backward`` done); trial points are
-scored with ``closure(backward=False)`` under ``no_grad``.  From ``alpha`` (``alpha_max`` at the start and after
+``step(closure, evaluate)``: ``closure()`` returns the loss with gradients computed (``backward`` done); trial
+points are scored with ``evaluate()`` under ``no_grad`` (``evaluate=None``: ``closure(backward=False)``).  From ``alpha`` (``alpha_max`` at the start and after
 ``reset()``), accept when ``L(theta - alpha g) <= L(theta) - c * alpha * ||g||^2``, else ``alpha <- beta * alpha``;
 the next search starts at ``reset_factor *`` the accepted step.  After ``max_trials`` rejections the parameters stay
 at the last rejected trial (the official behaviour; ``on_failure="restore"`` puts them back instead).  The official
@@ -10,7 +10,7 @@ code calls ``reset()`` at every outer iteration (its ``train()``).  ``state["sea
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -31,7 +31,9 @@ class Armijo(torch.optim.Optimizer):
         self.state["search"]["alpha"] = self.alpha_max
 
     @torch.no_grad()
-    def step(self, closure: Callable[..., torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[..., torch.Tensor],  # type: ignore[override]
+             evaluate: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        evaluate = evaluate or (lambda: closure(backward=False))
         with torch.enable_grad():
             loss = closure()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -44,7 +46,7 @@ class Armijo(torch.optim.Optimizer):
         for trial in range(self.max_trials + 1):
             for p, p0, g in zip(params, start, grads):
                 p.copy_(p0 - alpha * g)
-            if float(closure(backward=False)) <= f0 - self.c * alpha * sq:
+            if float(evaluate()) <= f0 - self.c * alpha * sq:
                 search.update(alpha=self.reset_factor * alpha, trials=trial, accepted=True, step=alpha,
                               total_trials=search["total_trials"] + trial)
                 return loss

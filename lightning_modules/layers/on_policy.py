@@ -14,7 +14,8 @@ gradients separately (the official SPMA code does not clip: ``null``).  The mini
 Logged per rollout: ``train/loss_actor``, ``train/loss_critic``, ``train/entropy``, ``train/kl`` (the k3 estimate of
 ``KL(pi_old || pi)`` after the update), ``train/clip_fraction``, ``train/explained_variance``,
 ``train/episode_return`` / ``train/episode_length`` (episodes that ended in the rollout), ``env_steps`` (progress
-bar); validation: ``val/return`` (deterministic policy), ``val/return_std``, ``val/length``.
+bar); validation and test: ``val/return`` / ``test/return`` (deterministic policy), ``*_std``, ``*_length``;
+``predict``: one row per deterministic episode.  ``global_step`` counts rollouts (one counted optimizer step each).
 
 The networks are sized from the data module's spaces at ``setup`` (and from the checkpoint when loaded on its own):
 ``action_head="auto"`` takes categorical for ``Discrete`` and Gaussian for ``Box`` actions.
@@ -150,15 +151,25 @@ class OnPolicyModule(L.LightningModule):
     def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_gather(x).mean() if self.trainer.world_size > 1 else x
 
-    def _armijo_step(self, opt: Armijo, loss_fn) -> None:
-        def closure(backward: bool = True):
-            if backward:
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                self.manual_backward(loss)
-                return self._mean_over_ranks(loss.detach())
-            return self._mean_over_ranks(loss_fn().detach())  # every rank takes the same step
-        opt.step(closure)
+    def _optimizer_step(self, opt, count: bool, closure=None, **kwargs) -> None:
+        """One optimizer step through the strategy (precision plugin, the callbacks' ``on_before_optimizer_step``);
+        only ``count=True`` goes through the ``LightningOptimizer``, which advances ``global_step``: one step per
+        rollout, so ``max_steps``, ``val_check_interval`` and step checkpoints count rollouts."""
+        if count:
+            opt.step(closure=closure, **kwargs)
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure or (lambda: None), **kwargs)
+
+    def _armijo_step(self, opt, loss_fn, count: bool) -> None:
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            self.manual_backward(loss)
+            return self._mean_over_ranks(loss.detach())
+
+        def evaluate():  # every rank scores the trial on the mean loss, so all take the same step
+            return self._mean_over_ranks(loss_fn().detach())
+        self._optimizer_step(opt, count, closure, evaluate=evaluate)
 
     def training_step(self, dataloader_iter):
         rollout, _, _ = next(dataloader_iter)  # collected now, with the current policy
@@ -180,9 +191,11 @@ class OnPolicyModule(L.LightningModule):
         actor_params, critic_params = self.policy.actor_parameters(), self.policy.critic_parameters()
         stats: Dict[str, List[torch.Tensor]] = {"loss_actor": [], "loss_critic": [], "entropy": [],
                                                 "clip_fraction": []}
-        for _ in range(hp.n_epochs):
+        starts = list(range(0, n - size + 1, size))  # full minibatches only, as SB3's rollout buffer
+        for epoch in range(hp.n_epochs):
             perm = torch.randperm(n, generator=order).to(self.device)
-            for start in range(0, n - size + 1, size):  # full minibatches only, as SB3's rollout buffer
+            for start in starts:
+                last = epoch == hp.n_epochs - 1 and start == starts[-1]  # the rollout's one counted step
                 mb = {k: v[perm[start:start + size]] for k, v in flat.items()}
                 a_loss, logp, entropy = self.actor_loss(mb)
                 c_loss = self.critic_loss(mb)
@@ -196,17 +209,18 @@ class OnPolicyModule(L.LightningModule):
                     self.manual_backward(a_loss + c_loss)
                     self._clip(actor_params)
                     self._clip(critic_params)
-                    optimizers.step()
+                    self._optimizer_step(optimizers, last)
                     continue
-                for o, is_armijo, fn, params in ((opt_actor, armijo[0], lambda: self.actor_loss(mb)[0], actor_params),
-                                                 (opt_critic, armijo[1], lambda: self.critic_loss(mb), critic_params)):
+                for o, is_armijo, fn, params, count in (
+                        (opt_actor, armijo[0], lambda: self.actor_loss(mb)[0], actor_params, False),
+                        (opt_critic, armijo[1], lambda: self.critic_loss(mb), critic_params, last)):
                     if is_armijo:
-                        self._armijo_step(getattr(o, "optimizer", o), fn)
+                        self._armijo_step(o, fn, count)
                     else:
                         o.zero_grad(set_to_none=True)
                         self.manual_backward(fn())
                         self._clip(params)
-                        o.step()
+                        self._optimizer_step(o, count)
         with torch.no_grad():
             logp, _ = self.policy.evaluate(flat["obs"], flat["actions"])
             kl = kl_k3(logp, flat["log_probs"]).mean()
@@ -222,9 +236,20 @@ class OnPolicyModule(L.LightningModule):
         steps = (int(rollout["iteration"]) + 1) * n * self.trainer.world_size
         self.log("env_steps", float(steps), prog_bar=True, reduce_fx="max", **log)
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluation(self, batch, split: str) -> None:
         returns = batch["returns"].float()
         size = returns.numel()
-        self.log("val/return", returns.mean(), prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/return_std", returns.std(unbiased=False), sync_dist=True, batch_size=size)
-        self.log("val/length", batch["lengths"].float().mean(), sync_dist=True, batch_size=size)
+        self.log(f"{split}/return", returns.mean(), prog_bar=split == "val", sync_dist=True, batch_size=size)
+        self.log(f"{split}/return_std", returns.std(unbiased=False), sync_dist=True, batch_size=size)
+        self.log(f"{split}/length", batch["lengths"].float().mean(), sync_dist=True, batch_size=size)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluation(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluation(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        """One record per deterministic evaluation episode: ``index``, ``return``, ``length``."""
+        return [{"index": i, "return": round(float(r), 4), "length": int(n)}
+                for i, (r, n) in enumerate(zip(batch["returns"].tolist(), batch["lengths"].tolist()))]
