@@ -56,6 +56,19 @@ def test_every_rollout_is_collected_with_the_policy_it_trains(env_id, tmp_path):
     assert trainer.global_step == 4  # one counted step per rollout
 
 
+def test_the_armijo_option_runs_through_lightning(tmp_path):
+    """Armijo on the actor (official constants), Adam on the critic: every search is counted, one step per rollout."""
+    model = SPMAAgent(n_epochs=2, batch_size=32, armijo_actor=True)
+    dm = RolloutDataModule("CartPole-v1", num_envs=2, n_steps=32, rollouts_per_epoch=3, eval_episodes=0)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 3
+    search = trainer.optimizers[0].state["search"]
+    assert search["searches"] == 3 * 2 * 2 and search["total_trials"] > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_preempted_cartpole_run_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path):
     """SIGTERM after rollout 4 (the middle of epoch 2): checkpoint, exit 143, resume with --ckpt_path last; policy,
     optimisers, environments, noise and the report's rows end bit-identical."""
