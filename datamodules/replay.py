@@ -1,0 +1,129 @@
+"""Replay memory for the off-policy recipes (the storage half of the off-policy foundation).
+
+``ReplayBuffer`` keeps the last ``capacity`` transitions of ``num_envs`` parallel environments in flat numpy arrays:
+every ``add`` writes one transition per environment, so environment ``i``'s consecutive transitions are
+``num_envs`` slots apart (time-major), ``capacity`` is a multiple of ``num_envs``, and the oldest transitions are
+overwritten first.  Observations keep their dtype (``uint8`` / ``bool`` frames stay one byte per value);
+``bytes_per_transition`` states the memory.
+
+Sampling is uniform over the transitions whose ``n``-step window is complete and n-step returns are formed then:
+``R = sum_{k<K} gamma^k r_{t+k}`` over the ``K <= n`` steps up to the first episode end, bootstrapped from the
+next observation of step ``t+K-1`` with discount ``gamma^K`` (0 if that step terminated; a truncated episode
+bootstraps from its final observation).  The newest ``n - 1`` steps of each environment wait until their window is
+complete.  ``state_dict()`` holds the contents, the counters and the sampling generator, so a resumed run samples the
+same minibatches.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, obs_shape: Tuple[int, ...], num_envs: int = 1, n_step: int = 1,
+                 gamma: float = 0.99, obs_dtype=np.uint8, seed: int = 0):
+        if num_envs < 1 or n_step < 1:
+            raise ValueError(f"replay needs num_envs >= 1 and n_step >= 1, got {num_envs}, {n_step}")
+        if capacity < num_envs * n_step:
+            raise ValueError(f"replay capacity {capacity} must hold n_step x num_envs = {num_envs * n_step} "
+                             "transitions at least")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        self.capacity = capacity - capacity % num_envs
+        self.num_envs, self.n_step, self.gamma = num_envs, n_step, gamma
+        self.obs = np.zeros((self.capacity, *obs_shape), dtype=obs_dtype)
+        self.next_obs = np.zeros_like(self.obs)
+        self.actions = np.zeros(self.capacity, dtype=np.int64)
+        self.rewards = np.zeros(self.capacity, dtype=np.float32)
+        self.terminated = np.zeros(self.capacity, dtype=bool)
+        self.done = np.zeros(self.capacity, dtype=bool)  # terminated or truncated: the episode ended here
+        self.added = 0  # transitions written so far (logical position of the next write)
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def bytes_per_transition(self) -> int:
+        return (2 * self.obs[0].nbytes + self.actions.itemsize + self.rewards.itemsize + self.terminated.itemsize
+                + self.done.itemsize)
+
+    def __len__(self) -> int:
+        return min(self.added, self.capacity)
+
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+            terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """One transition per environment (arrays with a leading ``num_envs`` axis); ``next_obs`` is the true next
+        observation (the final one when the episode ended)."""
+        i = self.added % self.capacity
+        rows = slice(i, i + self.num_envs)
+        self.obs[rows], self.next_obs[rows] = obs, next_obs
+        self.actions[rows], self.rewards[rows] = actions, rewards
+        self.terminated[rows] = terminated
+        self.done[rows] = np.logical_or(terminated, truncated)
+        self.added += self.num_envs
+
+    def sampleable(self) -> Tuple[int, int]:
+        """``[lo, hi]``: the logical positions whose n-step window is complete and still stored (empty if lo > hi)."""
+        lo = max(0, self.added - self.capacity)
+        hi = self.added - 1 - (self.n_step - 1) * self.num_envs
+        return lo, hi
+
+    def can_sample(self) -> bool:
+        lo, hi = self.sampleable()
+        return hi >= lo
+
+    def n_step_targets(self, logical: np.ndarray) -> Dict[str, np.ndarray]:
+        """Returns, bootstrap observations and discounts of the windows starting at ``logical`` positions."""
+        B, N = len(logical), self.num_envs
+        ret = np.zeros(B, dtype=np.float64)
+        discount = np.ones(B, dtype=np.float64)
+        alive = np.ones(B, dtype=bool)  # the window has not met an episode end yet
+        last = logical % self.capacity
+        for k in range(self.n_step):
+            idx = (logical + k * N) % self.capacity
+            ret += np.where(alive, discount * self.rewards[idx], 0.0)
+            discount = np.where(alive, discount * self.gamma, discount)
+            last = np.where(alive, idx, last)
+            alive &= ~self.done[idx]
+        discount = np.where(self.terminated[last], 0.0, discount)
+        return {"returns": ret.astype(np.float32), "next_obs": self.next_obs[last],
+                "discounts": discount.astype(np.float32)}
+
+    def sample(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        """``obs``, ``actions``, n-step ``returns``, bootstrap ``next_obs`` and ``discounts`` (0 after termination),
+        and the sampled ``indices``."""
+        lo, hi = self.sampleable()
+        if hi < lo:
+            raise RuntimeError(f"the replay buffer holds no complete {self.n_step}-step window yet")
+        logical = self.rng.integers(lo, hi + 1, size=batch_size)
+        idx = logical % self.capacity
+        out = self.n_step_targets(logical)
+        return {"obs": torch.from_numpy(self.obs[idx]), "actions": torch.from_numpy(self.actions[idx]),
+                "returns": torch.from_numpy(out["returns"]), "next_obs": torch.from_numpy(out["next_obs"]),
+                "discounts": torch.from_numpy(out["discounts"]), "indices": torch.from_numpy(idx)}
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, object]:
+        n = len(self)
+        return {"obs": torch.from_numpy(self.obs[:n].copy()), "next_obs": torch.from_numpy(self.next_obs[:n].copy()),
+                "actions": torch.from_numpy(self.actions[:n].copy()),
+                "rewards": torch.from_numpy(self.rewards[:n].copy()),
+                "terminated": torch.from_numpy(self.terminated[:n].copy()),
+                "done": torch.from_numpy(self.done[:n].copy()), "added": self.added,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        n = state["obs"].shape[0]
+        if n > self.capacity or tuple(state["obs"].shape[1:]) != self.obs.shape[1:]:
+            raise ValueError(f"the checkpoint's replay buffer ({tuple(state['obs'].shape)}) does not fit this one "
+                             f"(capacity {self.capacity}, observations {self.obs.shape[1:]})")
+        for name in ("obs", "next_obs", "actions", "rewards", "terminated", "done"):
+            getattr(self, name)[:n] = state[name].numpy()
+        self.added = int(state["added"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def describe_memory(buffer: ReplayBuffer) -> str:
+    total = buffer.bytes_per_transition * buffer.capacity
+    return (f"replay: {buffer.capacity:,} transitions x {buffer.bytes_per_transition} bytes = "
+            f"{total / 2**20:.1f} MiB")
