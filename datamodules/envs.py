@@ -2,7 +2,7 @@
 and off-policy foundations).
 
 * ``make_vector_env``: ``num_envs`` copies of a registered gymnasium environment (classic control, MuJoCo through the
-  ``mujoco`` package, anything registered by an installed package), stepped in this process (``sync``) or in worker
+  ``mujoco`` package, MinAtar, Atari through ``ale-py``, anything registered by an installed package), stepped in this process (``sync``) or in worker
   processes (``asynchronous=True``), with autoreset *disabled*: the vector env returns the true final observation of
   an episode and the caller resets the finished copies (``reset_mask``), so truncated episodes can be bootstrapped
   from their last state.  The caller seeds the first reset (``reset(seed=[...])``, one seed per copy; each DDP rank
@@ -27,12 +27,26 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv, VectorWrap
 from gymnasium.wrappers.utils import RunningMeanStd
 
 
+def register_namespaces(env_id: str) -> None:
+    """Environment ids of installed packages that gymnasium does not register by itself: ``MinAtar/<Game>-v0|v1``
+    (the ``minatar`` package) and ``ALE/<Game>-v5`` (``ale-py``, ROMs bundled)."""
+    if env_id.startswith("MinAtar/") and "MinAtar/Breakout-v1" not in gym.registry:
+        import minatar.gym
+
+        minatar.gym.register_envs()
+    elif env_id.startswith("ALE/") and "ALE/Breakout-v5" not in gym.registry:
+        import ale_py
+
+        gym.register_envs(ale_py)
+
+
 def check_env_id(env_id: str, field: str = "data.env_id") -> None:
+    register_namespaces(env_id)
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
         raise ValueError(f"{field}={env_id!r} is not a registered gymnasium environment ({err}); "
-                         "e.g. CartPole-v1, Acrobot-v1, InvertedPendulum-v5, Hopper-v5") from None
+                         "e.g. CartPole-v1, Acrobot-v1, InvertedPendulum-v5, Hopper-v5, MinAtar/Breakout-v1, ALE/Pong-v5") from None
 
 
 def make_vector_env(env_id: str, num_envs: int, asynchronous: bool = False,
