@@ -285,7 +285,7 @@ class RolloutDataModule(L.LightningDataModule):
         """``eval_episodes`` episodes with the deterministic policy on fresh environments (the same seeds every
         time, the training observation statistics frozen): raw returns and lengths."""
         hp = self.hparams
-        world, rank = world_of(self.trainer)
+        _, rank = world_of(self.trainer)
         episodes = hp.eval_episodes or 10  # test / predict with validation off
         n = min(episodes, 8)
         env = make_vector_env(hp.env_id, n, False, hp.normalize_observation, False, hp.gamma, hp.env_kwargs)
