@@ -4,9 +4,10 @@ and when the fit ends:
 * ``episodes.csv``: every training episode of rank 0's environments (environment steps of all ranks when it ended,
   return, length); ``return_curve.png``: episode returns against environment steps, the mean and +-1 std over a
   sliding window of ``window`` episodes, with the deterministic evaluations (``val/return``, +-std) on top;
-* ``training.csv``: per rollout, the environment steps and every ``train/*`` metric (losses, entropy, KL to the
-  behaviour policy, clip fraction, explained variance); ``training.png``: entropy, KL, explained variance and episode
-  length panels;
+* ``training.csv``: per rollout (per ``every`` updates of an off-policy agent), the environment steps and every
+  ``train/*`` metric (losses, entropy, KL to the behaviour policy, clip fraction, explained variance; TD loss, mean
+  Q, epsilon); ``training.png``: the ``panels`` that were logged (by default entropy, KL, explained variance, episode
+  length, the losses, mean Q and epsilon);
 * ``evaluation.csv``: environment steps, ``val/return``, ``val/return_std``, ``val/length``.
 
 The rows survive a resume: the training and evaluation rows are this callback's checkpointed state, the episodes are
@@ -34,9 +35,15 @@ def window_stats(values: np.ndarray, window: int):
     return mean, std
 
 
+PANELS = ("entropy", "kl", "explained_variance", "episode_length", "loss_actor", "loss_critic", "loss", "q_mean",
+          "epsilon")
+
+
 class EpisodeReport(L.Callback):
-    def __init__(self, window: int = 20):
-        self.window = window
+    def __init__(self, window: int = 20, every: int = 1, panels=PANELS):
+        if every < 1:
+            raise ValueError(f"EpisodeReport every must be >= 1 training step, got {every}")
+        self.window, self.every, self.panels = window, every, tuple(panels)
         self.training: List[Dict[str, float]] = []
         self.evaluation: List[Dict[str, float]] = []
 
@@ -45,7 +52,7 @@ class EpisodeReport(L.Callback):
         return float(collector.env_steps) if collector is not None else float("nan")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.global_step % self.every:
             return
         row = {"env_steps": self._steps(trainer)}
         if self.training and self.training[-1]["env_steps"] == row["env_steps"]:
@@ -102,7 +109,9 @@ class EpisodeReport(L.Callback):
         import matplotlib.pyplot as plt
 
         hp = getattr(trainer.datamodule, "hparams", {})
-        title = f"{hp.get('env_id', '')} {getattr(trainer.lightning_module.hparams, 'loss', '')}".strip()
+        mh = trainer.lightning_module.hparams
+        arm = f"{mh.get('head', '')} {mh.get('tokenization', '') if mh.get('head') == 'softmoe' else ''}"
+        title = f"{hp.get('env_id', '')} {mh.get('loss', '')} {arm if 'head' in mh else ''}".strip()
         fig, ax = plt.subplots(figsize=(6.5, 4))
         if len(episodes):
             mean, std = window_stats(episodes[:, 1], self.window)
@@ -121,8 +130,7 @@ class EpisodeReport(L.Callback):
         fig.savefig(os.path.join(out, "return_curve.png"), dpi=120)
         plt.close(fig)
 
-        panels = [k for k in ("entropy", "kl", "explained_variance", "episode_length", "loss_actor", "loss_critic")
-                  if any(k in r for r in self.training)]
+        panels = [k for k in self.panels if any(k in r for r in self.training)]
         if panels:
             cols = min(3, len(panels))
             rows = (len(panels) + cols - 1) // cols

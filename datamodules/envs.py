@@ -49,15 +49,31 @@ def check_env_id(env_id: str, field: str = "data.env_id") -> None:
                          "e.g. CartPole-v1, Acrobot-v1, InvertedPendulum-v5, Hopper-v5, MinAtar/Breakout-v1, ALE/Pong-v5") from None
 
 
+def atari_preprocessing(frame_skip: int = 4, screen_size: int = 84, stack: int = 4, noop_max: int = 30,
+                        terminal_on_life_loss: bool = False, sticky_actions: float = 0.25) -> tuple:
+    """``(env_kwargs, wrappers)`` of the standard Atari setting (Machado et al. 2018, Dopamine): the emulator at every
+    frame (``frameskip=1``) with sticky actions, then gymnasium's ``AtariPreprocessing`` (each action repeated
+    ``frame_skip`` frames, the max over the last two, 84x84 grey, up to ``noop_max`` no-ops at reset) and the last
+    ``stack`` frames stacked: ``uint8 (stack, 84, 84)`` observations."""
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    def wrap(env: gym.Env) -> gym.Env:
+        env = AtariPreprocessing(env, noop_max=noop_max, frame_skip=frame_skip, screen_size=screen_size,
+                                 terminal_on_life_loss=terminal_on_life_loss, grayscale_obs=True, scale_obs=False)
+        return FrameStackObservation(env, stack)
+    return {"frameskip": 1, "repeat_action_probability": sticky_actions}, [wrap]
+
+
 def make_vector_env(env_id: str, num_envs: int, asynchronous: bool = False,
                     normalize_observation: bool = False, normalize_reward: bool = False, gamma: float = 0.99,
-                    env_kwargs: Optional[Dict[str, Any]] = None) -> VectorEnv:
-    """The vector env, not reset yet (wrapped: ``NormalizeReward`` outermost)."""
+                    env_kwargs: Optional[Dict[str, Any]] = None, wrappers: Optional[list] = None) -> VectorEnv:
+    """The vector env, not reset yet (wrapped: ``NormalizeReward`` outermost); ``wrappers`` wrap every copy."""
     check_env_id(env_id)
     if num_envs < 1:
         raise ValueError(f"data.num_envs must be >= 1, got {num_envs}")
     env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="async" if asynchronous else "sync",
-                       vector_kwargs={"autoreset_mode": AutoresetMode.DISABLED}, **(env_kwargs or {}))
+                       vector_kwargs={"autoreset_mode": AutoresetMode.DISABLED}, wrappers=wrappers,
+                       **(env_kwargs or {}))
     if normalize_observation:
         env = NormalizeObservation(env)
     if normalize_reward:
@@ -161,7 +177,9 @@ def snapshot_envs(env: VectorEnv) -> Optional[bytes]:
     copies: List[tuple] = []
     for sub in base.envs:
         u = sub.unwrapped
-        extra: Dict[str, Any] = {"np_random": u.np_random.bit_generator.state}
+        extra: Dict[str, Any] = {}
+        if getattr(u, "_np_random", None) is not None:  # MinAtar never seeds it: do not make one up
+            extra["np_random"] = u.np_random.bit_generator.state
         if _is_mujoco(u):  # gymnasium's MuJoCo envs pickle their constructor arguments only
             import mujoco
 
@@ -187,7 +205,8 @@ def restore_envs(env: VectorEnv, blob: bytes) -> None:
 
             mujoco.mj_setState(u.model, u.data, extra["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
             mujoco.mj_forward(u.model, u.data)
-        u.np_random.bit_generator.state = extra["np_random"]  # a fresh generator first for envs rebuilt by EzPickle
+        if "np_random" in extra:  # a fresh generator first for envs rebuilt by EzPickle
+            u.np_random.bit_generator.state = extra["np_random"]
         base.envs[i].close()
         base.envs[i] = sub
     base._autoreset_envs = autoreset

@@ -12,6 +12,11 @@ next observation of step ``t+K-1`` with discount ``gamma^K`` (0 if that step ter
 bootstraps from its final observation).  The newest ``n - 1`` steps of each environment wait until their window is
 complete.  ``state_dict()`` holds the contents, the counters and the sampling generator, so a resumed run samples the
 same minibatches.
+
+``PrioritizedReplayBuffer`` (Schaul et al. 2016, as Dopamine's Rainbow) samples a transition with probability
+proportional to ``priority^alpha`` through a ``SumTree`` (stratified: one draw per equal slice of the total), new
+windows at the largest priority seen so far, and returns importance weights ``(len * P)^-beta`` divided by their
+batch maximum; ``update_priorities`` takes the learner's new priorities (``|TD error|`` or the per-sample loss).
 """
 from __future__ import annotations
 
@@ -121,6 +126,99 @@ class ReplayBuffer:
             getattr(self, name)[:n] = state[name].numpy()
         self.added = int(state["added"])
         self.rng.bit_generator.state = state["rng"]
+
+
+class SumTree:
+    """Sums of non-negative leaf values in a complete binary tree (``size`` a power of two): vectorised updates and
+    prefix-sum search, O(log capacity) each."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 1 << max(0, (capacity - 1).bit_length())
+        self.tree = np.zeros(2 * self.size)
+
+    @property
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def leaves(self, idx: np.ndarray) -> np.ndarray:
+        return self.tree[np.asarray(idx) + self.size]
+
+    def update(self, idx: np.ndarray, values: np.ndarray) -> None:
+        node = np.asarray(idx, dtype=np.int64) + self.size
+        if node.size == 0:
+            return
+        self.tree[node] = values
+        while node[0] > 1:  # all leaves sit at the same depth: climb one level at a time
+            node = np.unique(node // 2)
+            self.tree[node] = self.tree[2 * node] + self.tree[2 * node + 1]
+
+    def find(self, prefix: np.ndarray) -> np.ndarray:
+        """The leaf where each running sum ``prefix`` (in ``[0, total)``) falls; never a zero leaf while total > 0."""
+        u = np.asarray(prefix, dtype=np.float64).copy()
+        node = np.ones(len(u), dtype=np.int64)
+        while node[0] < self.size:
+            left = 2 * node
+            right_mass = self.tree[left + 1]
+            go_right = (u >= self.tree[left]) & (right_mass > 0) | (self.tree[left] <= 0)
+            u = np.where(go_right, u - self.tree[left], u)
+            node = np.where(go_right, left + 1, left)
+        return node - self.size
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    def __init__(self, capacity: int, obs_shape: Tuple[int, ...], num_envs: int = 1, n_step: int = 1,
+                 gamma: float = 0.99, obs_dtype=np.uint8, seed: int = 0, alpha: float = 0.5, beta: float = 0.5,
+                 epsilon: float = 1e-6):
+        super().__init__(capacity, obs_shape, num_envs, n_step, gamma, obs_dtype, seed)
+        if not 0 <= alpha <= 1 or not 0 <= beta <= 1:
+            raise ValueError(f"prioritised replay needs alpha and beta in [0, 1], got {alpha}, {beta}")
+        self.alpha, self.beta, self.epsilon = alpha, beta, epsilon
+        self.tree = SumTree(self.capacity)
+        self.max_priority = 1.0
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
+        first = self.added % self.capacity
+        self.tree.update(np.arange(first, first + self.num_envs), np.zeros(self.num_envs))  # incomplete windows
+        super().add(obs, actions, rewards, next_obs, terminated, truncated)
+        lo, hi = self.sampleable()
+        start = max(lo, hi - self.num_envs + 1)
+        if hi >= start:  # the windows this write completed enter at the largest priority so far
+            done = np.arange(start, hi + 1) % self.capacity
+            self.tree.update(done, np.full(len(done), self.max_priority ** self.alpha))
+
+    def sample(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        if not self.can_sample() or self.tree.total <= 0:
+            raise RuntimeError(f"the replay buffer holds no complete {self.n_step}-step window yet")
+        total = self.tree.total
+        prefix = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
+        idx = self.tree.find(np.minimum(prefix, np.nextafter(total, 0)))
+        probs = self.tree.leaves(idx) / total
+        lo, hi = self.sampleable()
+        weights = (probs * (hi - lo + 1)) ** -self.beta
+        out = self.n_step_targets(idx)
+        return {"obs": torch.from_numpy(self.obs[idx]), "actions": torch.from_numpy(self.actions[idx]),
+                "returns": torch.from_numpy(out["returns"]), "next_obs": torch.from_numpy(out["next_obs"]),
+                "discounts": torch.from_numpy(out["discounts"]), "indices": torch.from_numpy(idx),
+                "weights": torch.from_numpy((weights / weights.max()).astype(np.float32))}
+
+    def update_priorities(self, indices: np.ndarray, priorities: np.ndarray) -> None:
+        """New priorities of sampled slots (those overwritten since are left alone)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        p = np.abs(np.asarray(priorities, dtype=np.float64)) + self.epsilon
+        live = self.tree.leaves(indices) > 0
+        if live.any():
+            self.max_priority = max(self.max_priority, float(p[live].max()))
+            self.tree.update(indices[live], p[live] ** self.alpha)
+
+    def state_dict(self) -> Dict[str, object]:
+        return {**super().state_dict(), "priorities": torch.from_numpy(self.tree.leaves(np.arange(self.capacity))),
+                "max_priority": self.max_priority}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        super().load_state_dict(state)
+        self.tree.update(np.arange(self.capacity), state["priorities"].numpy())
+        self.max_priority = float(state["max_priority"])
 
 
 def describe_memory(buffer: ReplayBuffer) -> str:

@@ -41,6 +41,8 @@ HEADS = ("auto", "categorical", "gaussian")
 # training_step(dataloader_iter) is how the module pulls each rollout when it is ready for it (see
 # datamodules.rollouts); Lightning flags the signature as experimental on every run.
 warnings.filterwarnings("ignore", message=".*Found `dataloader_iter` argument in the `training_step`.*")
+# checkpoints hold the state after the update on purpose: it is the state the data module's environments match
+warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
 
 
 def head_for(space: gym.Space, requested: str) -> tuple:

@@ -4,7 +4,8 @@
 ``SoftMoE`` maps tokens ``X`` (batch, m, t) to tokens of the same shape:
 
 * ``p = ceil(m * capacity_factor / n)`` slots per expert; logits ``L[b, i, e, s] = X[b, i] . Phi[:, e, s]``;
-* dispatch ``D = softmax(L)`` over the tokens ``i`` (each slot a convex combination of tokens; NaN -> 0);
+* dispatch ``D = softmax(L)`` over the tokens ``i`` (each slot a convex combination of tokens; the official code
+  maps NaNs to 0, which only masked tokens produce: there are none here);
 * experts ``f_e(x) = W2_e relu(W1_e x + b1_e) + b2_e`` (hidden ``expert_hidden``, output ``t``), applied to their
   ``p`` slots, all experts at once (stacked weights, ``einsum``);
 * combine ``C = softmax(L)`` jointly over all ``(e, s)`` per token; ``Y[b, i] = sum_{e,s} C f_e(slot_{e,s})``.
@@ -97,7 +98,7 @@ class SoftMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, m, _ = x.shape
         logits = self.logits(x)
-        dispatch = torch.nan_to_num(logits.softmax(dim=1))  # over tokens
+        dispatch = logits.softmax(dim=1)  # over tokens (no token masking here: the official NaN guard never fires)
         combine = logits.flatten(2).softmax(dim=-1).view_as(logits)  # over all slots of all experts
         slots = torch.einsum("bmnp,bmt->bnpt", dispatch, x)  # from the raw tokens (errata 1)
         hidden = torch.relu(torch.einsum("bnpt,nth->bnph", slots, self.w1) + self.b1[:, None])

@@ -26,12 +26,14 @@ def td_targets(q_next_target: torch.Tensor, returns: torch.Tensor, discounts: to
     return returns + discounts * q_next_target.gather(-1, best).squeeze(-1)
 
 
-def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, kind: str = "huber") -> torch.Tensor:
+def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
+            reduction: str = "mean") -> torch.Tensor:
+    """``reduction="none"``: one loss per sample (prioritised replay weights them)."""
     chosen = q.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     if kind == "huber":
-        return F.smooth_l1_loss(chosen, targets.detach(), beta=1.0)
+        return F.smooth_l1_loss(chosen, targets.detach(), beta=1.0, reduction=reduction)
     if kind == "mse":
-        return F.mse_loss(chosen, targets.detach())
+        return F.mse_loss(chosen, targets.detach(), reduction=reduction)
     raise ValueError(f"td loss {kind!r}; expected one of {', '.join(TD_LOSSES)}")
 
 
@@ -52,7 +54,9 @@ def categorical_projection(next_probs: torch.Tensor, returns: torch.Tensor, disc
     return target
 
 
-def categorical_loss(logits: torch.Tensor, actions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def categorical_loss(logits: torch.Tensor, actions: torch.Tensor, target: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
     """``logits`` (B, A, N): cross-entropy of the taken action's distribution against ``target`` (B, N)."""
     chosen = logits[torch.arange(logits.shape[0], device=logits.device), actions.long()]
-    return -(target.detach() * F.log_softmax(chosen, -1)).sum(-1).mean()
+    per_sample = -(target.detach() * F.log_softmax(chosen, -1)).sum(-1)
+    return per_sample.mean() if reduction == "mean" else per_sample
