@@ -51,7 +51,8 @@ class GreedyPolicy(Protocol):
 
 
 def linear_epsilon(step: int, warmup: int, decay: int, end: float) -> float:
-    """1 during warm-up, then linearly down to ``end`` over ``decay`` steps (Dopamine's ``linearly_decaying_epsilon``)."""
+    """1 during warm-up, then linearly down to ``end`` over ``decay`` steps (Dopamine's
+    ``linearly_decaying_epsilon``)."""
     if decay <= 0:
         return end if step >= warmup else 1.0
     left = decay + warmup - step
@@ -186,7 +187,8 @@ class ReplayDataModule(L.LightningDataModule):
                  epsilon_decay_steps: int = 50_000, epsilon_end: float = 0.01, n_step: int = 1, gamma: float = 0.99,
                  prioritized: bool = False, priority_alpha: float = 0.5, priority_beta: float = 0.5,
                  steps_per_epoch: int = 10_000, seed: Optional[int] = None, asynchronous: bool = False,
-                 atari: bool = False, terminal_on_life_loss: bool = False, eval_episodes: int = 0, eval_epsilon: float = 0.001,
+                 atari: bool = False, terminal_on_life_loss: bool = False, eval_episodes: int = 0,
+                 eval_epsilon: float = 0.001,
                  eval_max_steps: int = 27_000, env_kwargs: Optional[dict] = None):
         super().__init__()
         for name, value, low in (("num_envs", num_envs, 1), ("batch_size", batch_size, 1), ("n_step", n_step, 1),

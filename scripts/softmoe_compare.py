@@ -64,7 +64,50 @@ def run_one(arm: str, game: str, seed: int, steps: int, setting: str, out: Path)
     total = epochs * 10_000
     last = [r for s, r in episodes if s > 0.9 * total] or [episodes[-1][1]]
     return {"arm": arm, "game": game, "seed": seed, "setting": setting, "seconds": seconds,
-            "final": statistics.fmean(last), "episodes": episodes}
+            "final": statistics.fmean(last), "episodes": episodes, "routing": routing_stats(run_dir, seed)}
+
+
+def routing_stats(run_dir: Path, seed: int, n: int = 2000) -> Dict[str, float]:
+    """How much a SoftMoE head routes, on the last ``n`` stored observations of the final checkpoint, at the final
+    and at the initial weights: the dispatch and combine entropies divided by their maxima (1 = uniform weights,
+    every slot the mean token) and the spread of the output tokens around their mean relative to their norm (0 = all
+    positions get the same vector, so the Q layer cannot tell where things are).  Empty for other heads."""
+    import math
+
+    import torch
+
+    from lightning_modules.layers.soft_moe import tokenize
+    from lightning_modules.softmoe_dqn import SoftMoEDQN
+
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return {}
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hp = state["hyper_parameters"]
+    if hp.get("head") != "softmoe":
+        return {}
+    obs = state["ReplayDataModule"]["ranks"][0]["buffer"]["obs"][-n:]
+    out = {}
+    for when in ("initial", "final"):
+        agent = SoftMoEDQN(**{**{k: v for k, v in hp.items() if not k.startswith("_")}, "seed": hp.get("seed") or seed})
+        agent.build(**state["value_network"])
+        if when == "final":
+            agent.load_state_dict(state["state_dict"])
+        net = agent.online
+        with torch.no_grad():
+            x = obs.float() * net.input_scale
+            x = net.encoder(x.permute(0, 3, 1, 2) if net.channels_last else x)
+            tokens = tokenize(x, net.head.tokenization)
+            logits = net.head.moe.logits(tokens)
+            d = logits.softmax(1)
+            c = logits.flatten(2).softmax(-1)
+            y = net.head.moe(tokens)
+        m, slots = d.shape[1], c.shape[-1]
+        out[f"dispatch_entropy_{when}"] = float(-(d * d.clamp_min(1e-12).log()).sum(1).mean() / math.log(m))
+        out[f"combine_entropy_{when}"] = float(-(c * c.clamp_min(1e-12).log()).sum(-1).mean() / math.log(slots)) \
+            if slots > 1 else 0.0
+        out[f"token_spread_{when}"] = float((y - y.mean(1, keepdim=True)).norm(dim=-1).mean() / y.norm(dim=-1).mean())
+    return out
 
 
 def iqm(values: Sequence[float]) -> float:
@@ -163,12 +206,27 @@ def write(results: List[dict], out: Path, command: str, section: str, setting: s
     lines = [f"### SoftMoE tokenization vs flatten, MinAtar, setting `{setting}`, {steps:,} steps", "",
              f"`{command}` (2-core CPU, one thread per run).  Final return = mean return of the training episodes "
              "in the last 10% of steps; mean and IQM over seeds, 95% bootstrap interval of the mean.", "",
-             "| game | arm | seeds | mean | 95% CI | IQM | per seed | minutes/run |", "|---|---|---|---|---|---|---|---|"]
+             "| game | arm | seeds | mean | 95% CI | IQM | per seed | minutes/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['game']} | {r['arm']} | {r['seeds']} | {r['mean']:.2f} | [{r['ci'][0]:.2f}, "
                      f"{r['ci'][1]:.2f}] | {r['iqm']:.2f} | {', '.join(f'{x:.2f}' for x in r['finals'])} | "
                      f"{r['minutes']:.1f} |")
     lines.append("")
+    routed = [r for r in results if r["routing"]]
+    if routed:
+        lines += ["SoftMoE routing at the end of each run (initial weights in brackets; entropies divided by their "
+                  "maximum, 1 = uniform; token spread = mean distance of the output tokens from their mean over their "
+                  "norm, 0 = every position gets the same vector):", "",
+                  "| game | arm | seed | dispatch entropy | combine entropy | token spread |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(routed, key=lambda r: (r["game"], r["arm"], r["seed"])):
+            g = r["routing"]
+            lines.append(f"| {r['game']} | {r['arm']} | {r['seed']} | {g['dispatch_entropy_final']:.4f} "
+                         f"({g['dispatch_entropy_initial']:.4f}) | {g['combine_entropy_final']:.4f} "
+                         f"({g['combine_entropy_initial']:.4f}) | {g['token_spread_final']:.4f} "
+                         f"({g['token_spread_initial']:.4f}) |")
+        lines.append("")
     return write_checked_section(section, lines, verdict, RESULTS)
 
 

@@ -186,7 +186,8 @@ SMALL = ["--data.init_args.warmup_steps=200", "--data.init_args.steps_per_epoch=
          "--checkpoint.every_n_train_steps=1000"]
 
 
-@pytest.mark.parametrize("prioritized", [False, True], ids=["uniform", "prioritized"])
+@pytest.mark.parametrize("prioritized", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["uniform", "prioritized"])
 def test_a_preempted_minatar_run_resumed_mid_epoch_equals_an_uninterrupted_one(prioritized, tmp_path):
     """SIGTERM after update 130 (epoch 2 of 3): checkpoint, exit 143, resume with --ckpt_path last; online and target
     networks, Adam, the replay buffer, its sampler, exploration, MinAtar's state and the episodes end identical."""
@@ -220,3 +221,28 @@ def test_a_preempted_minatar_run_resumed_mid_epoch_equals_an_uninterrupted_one(p
     ra = (tmp_path / "straight" / "logs" / "version_0" / "episodes.csv").read_text()
     rb = (tmp_path / "resumed" / "logs" / "version_1" / "episodes.csv").read_text()
     assert ra == rb and len(ra.splitlines()) > 20
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_keep_their_own_replay_and_resume_exactly(tmp_path):
+    common = ["fit", "--config", "recipes/dqn_flatten_minatar.yaml", "--trainer.max_epochs=2", *SMALL,
+              "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {"OMP_NUM_THREADS": "1"}
+    straight = run_cli([*common, *run_dir_args(tmp_path / "straight")], env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = last_checkpoint(tmp_path / "straight")
+    ranks = a["ReplayDataModule"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["buffer"]["obs"], ranks[1]["buffer"]["obs"])
+    killer = tmp_path / "kill.yaml"
+    killer.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.episode_report.EpisodeReport\n"
+                      "    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 60\n")
+    stopped = run_cli([*common, "--config", str(killer), *run_dir_args(tmp_path / "resumed")], env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = run_cli([*common, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = last_checkpoint(tmp_path / "resumed")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for ra, rb in zip(ranks, b["ReplayDataModule"]["ranks"]):
+        assert torch.equal(ra["buffer"]["obs"], rb["buffer"]["obs"]) and ra["rng"] == rb["rng"]
+        assert minatar_states(ra["envs"]) == minatar_states(rb["envs"])
