@@ -166,7 +166,9 @@ def plots(results: List[dict], out: Path, window: int = 50) -> None:
             curves = []
             for r in group:
                 ep = np.array(r["episodes"])
-                smooth = np.convolve(ep[:, 1], np.ones(window) / window, mode="same") if len(ep) > window else ep[:, 1]
+                c = np.concatenate([[0.0], np.cumsum(ep[:, 1])])
+                idx = np.arange(1, len(ep) + 1)
+                smooth = (c[idx] - c[np.maximum(0, idx - window)]) / np.minimum(idx, window)  # trailing mean
                 curves.append(np.interp(grid, ep[:, 0], smooth))
             curves = np.array(curves)
             ax.plot(grid, curves.mean(0), label=f"{arm} ({len(group)} seeds)")
