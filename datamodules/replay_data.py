@@ -29,17 +29,14 @@ with max-pool, 84x84 grey, 4 stacked frames; ``terminal_on_life_loss`` as DER) t
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Protocol
 
 import gymnasium as gym
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.envs import (atari_preprocessing, bytes_to_tensor, check_env_id, make_vector_env, restore_envs,
-                              snapshot_envs, tensor_to_bytes)
+from datamodules.env_side import EnvDataModule, EpisodeCursor, play_episodes
+from datamodules.envs import atari_preprocessing, check_env_id, make_vector_env
 from datamodules.replay import PrioritizedReplayBuffer, ReplayBuffer, describe_memory
 from datamodules.sampling import world_of
 
@@ -59,24 +56,21 @@ def linear_epsilon(step: int, warmup: int, decay: int, end: float) -> float:
     return end + float(np.clip((1.0 - end) * left / decay, 0.0, 1.0 - end))
 
 
-class TransitionCollector:
+class TransitionCollector(EpisodeCursor):
     """Steps a vector env epsilon-greedily into a replay buffer; owns the observations, the episodes in progress, the
     exploration generator and the update schedule."""
 
     def __init__(self, env: gym.vector.VectorEnv, buffer: ReplayBuffer, seed: int, warmup_steps: int,
                  epsilon_decay_steps: int, epsilon_end: float, update_period: float, world_size: int = 1):
-        self.env, self.buffer, self.world_size = env, buffer, world_size
+        super().__init__(env, seed)
+        self.buffer, self.world_size = buffer, world_size
         self.warmup, self.decay, self.epsilon_end, self.update_period = (warmup_steps, epsilon_decay_steps,
                                                                          epsilon_end, update_period)
-        self.obs, _ = env.reset(seed=[int(seed) + i for i in range(env.num_envs)])
         self.rng = np.random.default_rng(int(seed) + 2**31)
         self.num_actions = int(env.single_action_space.n)
-        self.ep_return = np.zeros(env.num_envs)
-        self.ep_length = np.zeros(env.num_envs, dtype=np.int64)
         self.local_steps = 0  # environment steps of this rank (all copies)
         self.updates = 0
         self.epoch_end: Optional[int] = None
-        self.episodes: List[tuple] = []  # (env steps of all ranks when it ended, return, length)
         self.pending: List[tuple] = []  # episodes that ended since the last batch: (return, length)
 
     @property
@@ -103,16 +97,7 @@ class TransitionCollector:
         next_obs, reward, terminated, truncated, _ = self.env.step(actions)
         self.buffer.add(self.obs, actions, reward, next_obs, terminated, truncated)
         self.local_steps += n
-        self.ep_return += reward
-        self.ep_length += 1
-        done = np.logical_or(terminated, truncated)
-        if done.any():
-            for i in np.flatnonzero(done):
-                self.episodes.append((self.env_steps, float(self.ep_return[i]), int(self.ep_length[i])))
-                self.pending.append((float(self.ep_return[i]), int(self.ep_length[i])))
-            self.ep_return[done], self.ep_length[done] = 0.0, 0
-            next_obs, _ = self.env.reset(options={"reset_mask": done})
-        self.obs = next_obs
+        self.pending += self.advance(next_obs, reward, terminated, truncated, self.env_steps)
 
     def batch(self, policy: GreedyPolicy, batch_size: int) -> Dict[str, torch.Tensor]:
         """Steps until an update is due, then one minibatch (counted as an update)."""
@@ -129,59 +114,25 @@ class TransitionCollector:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, object]:
-        state = {"obs": torch.as_tensor(np.asarray(self.obs)), "ep_return": torch.as_tensor(self.ep_return.copy()),
-                 "ep_length": torch.as_tensor(self.ep_length.copy()), "rng": self.rng.bit_generator.state,
-                 "local_steps": self.local_steps, "updates": self.updates, "epoch_end": self.epoch_end,
-                 "episodes": torch.tensor(self.episodes, dtype=torch.float64).reshape(-1, 3),
-                 "pending": torch.tensor(self.pending, dtype=torch.float64).reshape(-1, 2),
-                 "buffer": self.buffer.state_dict()}
-        snap = snapshot_envs(self.env)
-        if snap is not None:
-            state["envs"] = bytes_to_tensor(snap)
-        return state
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state, "local_steps": self.local_steps,
+                "updates": self.updates, "epoch_end": self.epoch_end,
+                "pending": torch.tensor(self.pending, dtype=torch.float64).reshape(-1, 2),
+                "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: Dict[str, object], reseed: int = 0) -> None:
+        """Worker-process environments (no snapshot) start fresh episodes from seeds that depend on the resumed
+        step."""
         self.buffer.load_state_dict(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
         self.local_steps, self.updates = int(state["local_steps"]), int(state["updates"])
         self.epoch_end = None if state["epoch_end"] is None else int(state["epoch_end"])
-        self.episodes = [(int(s), float(r), int(n)) for s, r, n in state["episodes"].tolist()]
         self.pending = [(float(r), int(n)) for r, n in state["pending"].tolist()]
-        if "envs" in state and snapshot_envs(self.env) is not None:
-            restore_envs(self.env, tensor_to_bytes(state["envs"]))
-            self.obs = state["obs"].numpy().copy()
-            self.ep_return = state["ep_return"].numpy().copy()
-            self.ep_length = state["ep_length"].numpy().copy()
-        else:  # worker-process environments: fresh episodes from seeds that depend on the resumed step
-            n = self.env.num_envs
-            self.obs, _ = self.env.reset(seed=[int(reseed) + 7919 * self.local_steps + i for i in range(n)])
-            self.ep_return, self.ep_length = np.zeros(n), np.zeros(n, dtype=np.int64)
+        super().load_state_dict(state, reseed=int(reseed) + 7919 * self.local_steps)
 
 
-class _Minibatches(IterableDataset):
-    def __init__(self, dm: "ReplayDataModule"):
-        self.dm = dm
+class ReplayDataModule(EnvDataModule):
+    state_name = "replay"
 
-    def __iter__(self):
-        dm, c = self.dm, self.dm.collector
-        spe = dm.hparams.steps_per_epoch
-        if c.epoch_end is None or c.local_steps >= c.epoch_end and not c.update_due():
-            c.epoch_end = (c.local_steps // spe + 1) * spe
-        while True:
-            yield c.batch(dm.policy, dm.hparams.batch_size)
-            if c.local_steps >= c.epoch_end and not c.update_due():
-                return
-
-
-class _Evaluation(IterableDataset):
-    def __init__(self, dm: "ReplayDataModule"):
-        self.dm = dm
-
-    def __iter__(self):
-        yield self.dm.evaluate(self.dm.policy)
-
-
-class ReplayDataModule(L.LightningDataModule):
     def __init__(self, env_id: str = "MinAtar/Breakout-v1", num_envs: int = 1, batch_size: int = 32,
                  capacity: int = 100_000, warmup_steps: int = 5_000, update_period: float = 4.0,
                  epsilon_decay_steps: int = 50_000, epsilon_end: float = 0.01, n_step: int = 1, gamma: float = 0.99,
@@ -190,7 +141,7 @@ class ReplayDataModule(L.LightningDataModule):
                  atari: bool = False, terminal_on_life_loss: bool = False, eval_episodes: int = 0,
                  eval_epsilon: float = 0.001,
                  eval_max_steps: int = 27_000, env_kwargs: Optional[dict] = None):
-        super().__init__()
+        super().__init__(seed)
         for name, value, low in (("num_envs", num_envs, 1), ("batch_size", batch_size, 1), ("n_step", n_step, 1),
                                  ("steps_per_epoch", steps_per_epoch, 1), ("warmup_steps", warmup_steps, 0),
                                  ("epsilon_decay_steps", epsilon_decay_steps, 0), ("eval_episodes", eval_episodes, 0),
@@ -210,11 +161,7 @@ class ReplayDataModule(L.LightningDataModule):
             raise ValueError(f"data.atari=true needs an ALE/<Game>-v5 environment, got data.env_id={env_id!r}")
         check_env_id(env_id)
         self.save_hyperparameters(logger=False)
-        # no seed given: the run's seed_everything (Lightning exports it as PL_GLOBAL_SEED)
-        self.seed = int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.collector: Optional[TransitionCollector] = None
-        self._pending_state: Optional[dict] = None
-        self._spaces: Optional[tuple] = None
 
     # ------------------------------------------------------------------ environments
     def _env_args(self) -> tuple:
@@ -237,21 +184,6 @@ class ReplayDataModule(L.LightningDataModule):
                                  "agents need a discrete action space")
         return self._spaces
 
-    @property
-    def observation_space(self) -> gym.Space:
-        return self._probe()[0]
-
-    @property
-    def action_space(self) -> gym.Space:
-        return self._probe()[1]
-
-    @property
-    def policy(self) -> GreedyPolicy:
-        return self.trainer.lightning_module
-
-    def _seed(self, rank: int) -> int:
-        return self.seed * 100_003 + rank * self.hparams.num_envs
-
     def make_buffer(self, rank: int) -> ReplayBuffer:
         hp, space = self.hparams, self.observation_space
         kwargs = dict(capacity=hp.capacity, obs_shape=space.shape, num_envs=hp.num_envs, n_step=hp.n_step,
@@ -271,90 +203,36 @@ class ReplayDataModule(L.LightningDataModule):
                                              hp.epsilon_end, hp.update_period, world)
         if rank == 0 and self.trainer is not None and not self.trainer.fast_dev_run:
             print(describe_memory(buffer))
-        if self._pending_state is not None:
-            self._load(self._pending_state)
-            self._pending_state = None
+        self.restore_pending()
 
-    def teardown(self, stage: str) -> None:  # environment worker processes end with the run
-        if self.collector is not None and stage == "fit":
-            self.collector.env.close()
-            self.collector = None
+    def train_items(self):
+        """Minibatches until the epoch's last environment step (``steps_per_epoch`` of this rank) has had its
+        updates."""
+        c, spe = self.collector, self.hparams.steps_per_epoch
+        if c.epoch_end is None or c.local_steps >= c.epoch_end and not c.update_due():
+            c.epoch_end = (c.local_steps // spe + 1) * spe
+        while True:
+            yield c.batch(self.policy, self.hparams.batch_size)
+            if c.local_steps >= c.epoch_end and not c.update_due():
+                return
 
     def update_priorities(self, indices: torch.Tensor, priorities: torch.Tensor) -> None:
         buffer = self.collector.buffer
         if isinstance(buffer, PrioritizedReplayBuffer):
             buffer.update_priorities(indices.cpu().numpy(), priorities.detach().double().cpu().numpy())
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Minibatches(self), batch_size=None, num_workers=0)
-
-    def val_dataloader(self):
-        return DataLoader(_Evaluation(self), batch_size=None, num_workers=0) if self.hparams.eval_episodes else []
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(_Evaluation(self), batch_size=None, num_workers=0)
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_Evaluation(self), batch_size=None, num_workers=0)
-
     @torch.no_grad()
     def evaluate(self, policy: GreedyPolicy) -> Dict[str, torch.Tensor]:
         """``eval_episodes`` episodes at ``eval_epsilon`` on fresh environments with the same seeds every time."""
         hp = self.hparams
-        _, rank = world_of(self.trainer)
         episodes = hp.eval_episodes or 10
         n = min(episodes, 8)
+        rng = np.random.default_rng(self._seed(world_of(self.trainer)[1]) + 99)
         env = self.make_env(n)
-        obs, _ = env.reset(seed=[self._seed(rank) + 50_000_017 + i for i in range(n)])
-        rng = np.random.default_rng(self._seed(rank) + 99)
         A = int(env.single_action_space.n)
-        returns, lengths = [], []
-        ret, length = np.zeros(n), np.zeros(n, dtype=np.int64)
-        started, active = n, np.ones(n, dtype=bool)
-        while active.any():
+
+        def act(obs: np.ndarray) -> np.ndarray:
             greedy = policy.greedy_actions(torch.as_tensor(obs, device=policy.device)).cpu().numpy()
-            a = np.where(rng.random(n) < hp.eval_epsilon, rng.integers(A, size=n), greedy)
-            obs, reward, terminated, truncated, _ = env.step(a)
-            ret += np.where(active, reward, 0.0)
-            length += active
-            ended = terminated | truncated | (length >= hp.eval_max_steps)
-            for i in np.flatnonzero(ended & active):
-                returns.append(ret[i])
-                lengths.append(int(length[i]))
-                if started < episodes:
-                    started += 1
-                else:
-                    active[i] = False
-            ret[ended], length[ended] = 0.0, 0
-            if ended.any():
-                obs, _ = env.reset(options={"reset_mask": ended})
-        env.close()
-        return {"returns": torch.tensor(returns, dtype=torch.float64), "lengths": torch.tensor(lengths)}
+            return np.where(rng.random(n) < hp.eval_epsilon, rng.integers(A, size=n), greedy)
 
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> Dict[str, object]:
-        if self.collector is None:
-            return {}
-        state = self.collector.state_dict()
-        world, _ = world_of(self.trainer)
-        if world > 1:  # every rank has its own environments and buffer; the checkpoint keeps them all
-            gathered: List[Optional[dict]] = [None] * world
-            torch.distributed.all_gather_object(gathered, state)
-            return {"ranks": gathered}
-        return {"ranks": [state]}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        if not state:
-            return
-        if self.collector is None:
-            self._pending_state = state
-            return
-        self._load(state)
-
-    def _load(self, state: Dict[str, object]) -> None:
-        world, rank = world_of(self.trainer)
-        ranks = state["ranks"]
-        if len(ranks) != world:
-            raise ValueError(f"the checkpoint holds the replay of {len(ranks)} processes, this run has {world} "
-                             "(resume with the same number of devices)")
-        self.collector.load_state_dict(ranks[rank], reseed=self._seed(rank))
+        return play_episodes(env, act, episodes, self.eval_seeds(n), hp.eval_max_steps)

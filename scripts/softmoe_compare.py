@@ -11,7 +11,8 @@ arm: one expert 16 -> 256 -> 16 over 100 PerConv tokens), ``softmoe4`` (4 expert
 ``softmoe1_persample_x4`` (one token: the baseline plus a projection, the control that isolates tokenization).
 Settings: ``dqn`` (the recipes as shipped), ``c51_nstep3`` (C51 with 51 atoms in [-10, 10] and 3-step returns, the
 spec's "fair chance" for the single expert: the paper ties it to Rainbow's / DER's categorical loss), ``rr1`` (one
-update per environment step).
+update per environment step, four times the recipes' replay ratio, target copied every 4k environment steps as in
+the recipes) and ``c51_nstep3_rr1`` (both: the closest to DER's setting).
 
 The final return of a run is the mean return of the training episodes that ended in its last 10% of environment
 steps (epsilon = 0.01 there); per game and arm the mean and IQM over seeds with 95% bootstrap intervals.  The check
@@ -44,7 +45,10 @@ ARMS = {"flatten_x1": ("dqn_flatten_minatar", ["--model.init_args.scale=1"]),
         "softmoe1_persample_x4": ("dqn_softmoe1_minatar", ["--model.init_args.tokenization=per_sample"])}
 SETTINGS = {"dqn": [],
             "c51_nstep3": ["--model.init_args.distributional=true", "--data.init_args.n_step=3"],
-            "rr1": ["--data.init_args.update_period=1"]}
+            # one update per environment step; the target network is still copied every 4k environment steps
+            "rr1": ["--data.init_args.update_period=1", "--model.init_args.target_update_period=4000"],
+            "c51_nstep3_rr1": ["--model.init_args.distributional=true", "--data.init_args.n_step=3",
+                               "--data.init_args.update_period=1", "--model.init_args.target_update_period=4000"]}
 
 
 def run_one(arm: str, game: str, seed: int, steps: int, setting: str, out: Path) -> Dict[str, object]:

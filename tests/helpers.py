@@ -194,6 +194,29 @@ def kill_and_resume(tmp_path, common, callbacks_yaml, kill_at, saved_step):
     return last("straight"), last("resumed")
 
 
+def ddp_signal_and_resume(tmp_path, common, signal_at, callbacks_yaml="    - class_path: "
+                          "callbacks.episode_report.EpisodeReport\n"):
+    """Run ``common`` (a ``fit`` command line with ``--trainer.devices=2 --trainer.strategy=ddp``) straight through,
+    and again stopped by SIGTERM at batch ``signal_at`` (Lightning saves and exits 143) and resumed with
+    ``--ckpt_path last``; both final trainer weights must be equal.  Returns the two final checkpoints."""
+    import torch
+
+    env = {"OMP_NUM_THREADS": "1"}
+    straight = run_cli([*common, *run_dir_args(tmp_path / "straight")], env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killer = tmp_path / "kill.yaml"
+    killer.write_text("trainer:\n  callbacks:\n" + callbacks_yaml + "    - class_path: tests.helpers.SignalAtStep\n"
+                      f"      init_args:\n        batch: {signal_at}\n")
+    stopped = run_cli([*common, "--config", str(killer), *run_dir_args(tmp_path / "resumed")], env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = run_cli([*common, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    return a, b
+
+
 try:
     import lightning as L
 

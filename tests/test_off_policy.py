@@ -10,7 +10,7 @@ from datamodules.replay_data import ReplayDataModule, TransitionCollector, linea
 from lightning_modules.layers.value_losses import (categorical_loss, categorical_projection, td_loss,
                                                    td_targets)
 from lightning_modules.softmoe_dqn import SoftMoEDQN
-from tests.helpers import last_checkpoint, run_cli, run_dir_args
+from tests.helpers import ddp_signal_and_resume, last_checkpoint, run_cli, run_dir_args
 
 
 def test_linear_epsilon_is_dopamines_schedule():
@@ -227,22 +227,9 @@ def test_a_preempted_minatar_run_resumed_mid_epoch_equals_an_uninterrupted_one(p
 def test_two_ddp_ranks_keep_their_own_replay_and_resume_exactly(tmp_path):
     common = ["fit", "--config", "recipes/dqn_flatten_minatar.yaml", "--trainer.max_epochs=2", *SMALL,
               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    env = {"OMP_NUM_THREADS": "1"}
-    straight = run_cli([*common, *run_dir_args(tmp_path / "straight")], env=env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    a = last_checkpoint(tmp_path / "straight")
+    a, b = ddp_signal_and_resume(tmp_path, common, signal_at=60)
     ranks = a["ReplayDataModule"]["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["buffer"]["obs"], ranks[1]["buffer"]["obs"])
-    killer = tmp_path / "kill.yaml"
-    killer.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.episode_report.EpisodeReport\n"
-                      "    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 60\n")
-    stopped = run_cli([*common, "--config", str(killer), *run_dir_args(tmp_path / "resumed")], env=env)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    resumed = run_cli([*common, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"], env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    b = last_checkpoint(tmp_path / "resumed")
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for ra, rb in zip(ranks, b["ReplayDataModule"]["ranks"]):
         assert torch.equal(ra["buffer"]["obs"], rb["buffer"]["obs"]) and ra["rng"] == rb["rng"]
         assert minatar_states(ra["envs"]) == minatar_states(rb["envs"])

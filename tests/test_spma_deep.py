@@ -7,7 +7,7 @@ import torch
 from datamodules.rollouts import RolloutDataModule
 from lightning_modules.spma import SPMAAgent
 from recipes.cli import main
-from tests.helpers import last_checkpoint, run_cli, run_dir_args
+from tests.helpers import ddp_signal_and_resume, last_checkpoint, run_cli, run_dir_args
 
 SMALL = ["--data.init_args.num_envs=2", "--data.init_args.n_steps=64", "--data.init_args.rollouts_per_epoch=3",
          "--data.init_args.eval_episodes=2", "--model.init_args.n_epochs=2", "--model.init_args.batch_size=32",
@@ -103,22 +103,9 @@ def test_a_preempted_cartpole_run_resumed_mid_epoch_equals_an_uninterrupted_one(
 def test_two_ddp_ranks_step_their_own_environments_and_resume_exactly(tmp_path):
     common = ["fit", "--config", "recipes/spma_cartpole.yaml", "--trainer.max_epochs=2", *SMALL,
               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    env = {"OMP_NUM_THREADS": "1"}
-    straight = run_cli([*common, *run_dir_args(tmp_path / "straight")], env=env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    a = last_checkpoint(tmp_path / "straight")
+    a, b = ddp_signal_and_resume(tmp_path, common, signal_at=4)
     ranks = a["RolloutDataModule"]["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["obs"], ranks[1]["obs"])
-    killer = tmp_path / "kill.yaml"
-    killer.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.episode_report.EpisodeReport\n"
-                      "    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 4\n")
-    stopped = run_cli([*common, "--config", str(killer), *run_dir_args(tmp_path / "resumed")], env=env)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    resumed = run_cli([*common, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"], env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    b = last_checkpoint(tmp_path / "resumed")
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for ra, rb in zip(ranks, b["RolloutDataModule"]["ranks"]):
         assert torch.equal(ra["obs"], rb["obs"]) and env_states(ra["envs"]) == env_states(rb["envs"])
 

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_modules.layers.episode_eval import EpisodeEvaluation
 from lightning_modules.layers.value_losses import (TD_LOSSES, categorical_loss, categorical_projection, td_loss,
                                                    td_targets)
 
@@ -37,7 +38,7 @@ warnings.filterwarnings("ignore", message=".*Found `dataloader_iter` argument in
 warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
 
 
-class ValueBasedModule(L.LightningModule):
+class ValueBasedModule(EpisodeEvaluation, L.LightningModule):
     def __init__(self, loss: str = "huber", double: bool = False, distributional: bool = False, atoms: int = 51,
                  v_min: float = -10.0, v_max: float = 10.0, lr: float = 2.5e-4, adam_eps: float = 3.125e-4,
                  target_update_period: int = 1000, max_grad_norm: Optional[float] = None,
@@ -160,22 +161,3 @@ class ValueBasedModule(L.LightningModule):
             self.log("train/episode_return", episodes[:, 0].mean().float(), prog_bar=True, **log)
             self.log("train/episode_length", episodes[:, 1].mean().float(), **log)
         self.log("env_steps", batch["env_steps"].float(), prog_bar=True, reduce_fx="max", **log)
-
-    # ------------------------------------------------------------------ evaluation
-    def _evaluation(self, batch, split: str) -> None:
-        returns = batch["returns"].float()
-        size = returns.numel()
-        self.log(f"{split}/return", returns.mean(), prog_bar=split == "val", sync_dist=True, batch_size=size)
-        self.log(f"{split}/return_std", returns.std(unbiased=False), sync_dist=True, batch_size=size)
-        self.log(f"{split}/length", batch["lengths"].float().mean(), sync_dist=True, batch_size=size)
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluation(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluation(batch, "test")
-
-    def predict_step(self, batch, batch_idx):
-        """One record per evaluation episode: ``index``, ``return``, ``length``."""
-        return [{"index": i, "return": round(float(r), 4), "length": int(n)}
-                for i, (r, n) in enumerate(zip(batch["returns"].tolist(), batch["lengths"].tolist()))]

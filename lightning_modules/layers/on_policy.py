@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.layers.armijo import Armijo
+from lightning_modules.layers.episode_eval import EpisodeEvaluation
 from lightning_modules.layers.policies import ActorCritic
 from lightning_modules.layers.policy_losses import (KL_ESTIMATORS, POLICY_LOSSES, clip_fraction, explained_variance,
                                                     kl_k3, normalize_advantages, policy_loss)
@@ -62,7 +63,7 @@ def head_for(space: gym.Space, requested: str) -> tuple:
     return kind, dim
 
 
-class OnPolicyModule(L.LightningModule):
+class OnPolicyModule(EpisodeEvaluation, L.LightningModule):
     def __init__(self, loss: str = "spma", eta: float = 1.0, kl: str = "k3", clip_range: float = 0.2,
                  n_epochs: int = 10, batch_size: int = 64, lr_actor: float = 3e-4, lr_critic: float = 3e-4,
                  ent_coef: float = 0.0, max_grad_norm: Optional[float] = None, normalize_advantage: bool = True,
@@ -237,21 +238,3 @@ class OnPolicyModule(L.LightningModule):
             self.log("train/episode_length", rollout["episode_lengths"].float().mean(), **log)
         steps = (int(rollout["iteration"]) + 1) * n * self.trainer.world_size
         self.log("env_steps", float(steps), prog_bar=True, reduce_fx="max", **log)
-
-    def _evaluation(self, batch, split: str) -> None:
-        returns = batch["returns"].float()
-        size = returns.numel()
-        self.log(f"{split}/return", returns.mean(), prog_bar=split == "val", sync_dist=True, batch_size=size)
-        self.log(f"{split}/return_std", returns.std(unbiased=False), sync_dist=True, batch_size=size)
-        self.log(f"{split}/length", batch["lengths"].float().mean(), sync_dist=True, batch_size=size)
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluation(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluation(batch, "test")
-
-    def predict_step(self, batch, batch_idx):
-        """One record per deterministic evaluation episode: ``index``, ``return``, ``length``."""
-        return [{"index": i, "return": round(float(r), 4), "length": int(n)}
-                for i, (r, n) in enumerate(zip(batch["returns"].tolist(), batch["lengths"].tolist()))]
