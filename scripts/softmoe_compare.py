@@ -26,6 +26,7 @@ import csv
 import os
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -51,6 +52,9 @@ SETTINGS = {"dqn": [],
                                "--data.init_args.update_period=1", "--model.init_args.target_update_period=4000"]}
 
 
+_SEEDING = threading.Lock()
+
+
 def run_one(arm: str, game: str, seed: int, steps: int, setting: str, out: Path) -> Dict[str, object]:
     recipe, extra = ARMS[arm]
     name = f"{setting}_{game}_{arm}_s{seed}"
@@ -67,8 +71,10 @@ def run_one(arm: str, game: str, seed: int, steps: int, setting: str, out: Path)
         episodes = [(float(r["env_steps"]), float(r["return"])) for r in csv.DictReader(fh)]
     total = epochs * 10_000
     last = [r for s, r in episodes if s > 0.9 * total] or [episodes[-1][1]]
+    with _SEEDING:  # building the initial network seeds torch's global generator, shared by the worker threads
+        routing = routing_stats(run_dir, seed)
     return {"arm": arm, "game": game, "seed": seed, "setting": setting, "seconds": seconds,
-            "final": statistics.fmean(last), "episodes": episodes, "routing": routing_stats(run_dir, seed)}
+            "final": statistics.fmean(last), "episodes": episodes, "routing": routing}
 
 
 def routing_stats(run_dir: Path, seed: int, n: int = 2000) -> Dict[str, float]:

@@ -5,7 +5,9 @@ spec's "fair chance" (C51, 3-step returns).  Runs the functions of scripts/softm
 ``SOFTMOE_COMPARE_OUT=runs/softmoe_compare`` checks the runs that script already finished instead of repeating them.
 
 Measured: the claim does NOT hold at this scale in either setting (docs/results.md, section SoftMoE: the routing
-stays uniform, so every position gets the same vector).  The test keeps asserting the paper's claim and is marked as
+stays uniform, so every position gets the same vector); nor with one update per environment step on top of C51 and
+3-step returns (Breakout, 3 seeds: 4.09 vs 8.11; ``--setting c51_nstep3_rr1``, 50 min per SoftMoE run, not repeated
+here).  The test keeps asserting the paper's claim and is marked as
 an expected failure, strict: if a change makes the claim hold, it fails as XPASS and the results must be updated."""
 import os
 from pathlib import Path
