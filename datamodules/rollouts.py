@@ -116,8 +116,8 @@ class RolloutCollector(EpisodeCursor):
             if cut.any():  # bootstrap a time-limit cut from its final state
                 final = torch.as_tensor(next_obs[cut], dtype=torch.float32, device=device)
                 reward[cut] += self.gamma * policy.value(final).double().cpu().numpy()
-            finished += self.advance(next_obs, raw, terminated, truncated, (self.iteration * T + t + 1) * N
-                                     * self.world_size)
+            steps_so_far = (self.iteration * T + t + 1) * N * self.world_size  # all ranks
+            finished += self.advance(next_obs, raw, terminated, truncated, steps_so_far)
             for k, v in (("obs", obs), ("actions", out["actions"]), ("log_probs", out["log_probs"]),
                          ("values", out["values"]), ("rewards", torch.as_tensor(reward, dtype=torch.float32)),
                          ("dones", torch.as_tensor(done))):
