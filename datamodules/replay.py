@@ -6,12 +6,13 @@ every ``add`` writes one transition per environment, so environment ``i``'s cons
 overwritten first.  Observations keep their dtype (``uint8`` / ``bool`` frames stay one byte per value);
 ``bytes_per_transition`` states the memory.
 
-Sampling is uniform over the transitions whose ``n``-step window is complete and n-step returns are formed then:
-``R = sum_{k<K} gamma^k r_{t+k}`` over the ``K <= n`` steps up to the first episode end, bootstrapped from the
-next observation of step ``t+K-1`` with discount ``gamma^K`` (0 if that step terminated; a truncated episode
-bootstraps from its final observation).  The newest ``n - 1`` steps of each environment wait until their window is
-complete.  ``state_dict()`` holds the contents, the counters and the sampling generator, so a resumed run samples the
-same minibatches.
+Sampling is uniform over the transitions whose ``n``-step window is complete and n-step returns are formed then: ``R =
+sum_{k<K} gamma^k r_{t+k}`` over the ``K <= n`` steps up to the first episode end, bootstrapped from the next
+observation of step ``t+K-1`` with discount ``gamma^K`` (0 if that step terminated; a truncated episode bootstraps
+from its final observation). A transition added with ``frames=F`` (a semi-MDP transition spanning ``F`` frames, the
+realtime recipes) counts as ``F`` steps in the discounts: ``gamma^(F_0 + ... + F_{K-1})``. The newest ``n - 1`` steps
+of each environment wait until their window is complete. ``state_dict()`` holds the contents, the counters and the
+sampling generator, so a resumed run samples the same minibatches.
 
 ``PrioritizedReplayBuffer`` (Schaul et al. 2016, as Dopamine's Rainbow) samples a transition with probability
 proportional to ``priority^alpha`` through a ``SumTree`` (stratified: one draw per equal slice of the total), new
@@ -20,7 +21,7 @@ batch maximum; ``update_priorities`` takes the learner's new priorities (``|TD e
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,27 +45,30 @@ class ReplayBuffer:
         self.rewards = np.zeros(self.capacity, dtype=np.float32)
         self.terminated = np.zeros(self.capacity, dtype=bool)
         self.done = np.zeros(self.capacity, dtype=bool)  # terminated or truncated: the episode ended here
+        self.frames = np.ones(self.capacity, dtype=np.int32)  # frames a transition spans (semi-MDP discount)
         self.added = 0  # transitions written so far (logical position of the next write)
         self.rng = np.random.default_rng(seed)
 
     @property
     def bytes_per_transition(self) -> int:
         return (2 * self.obs[0].nbytes + self.actions.itemsize + self.rewards.itemsize + self.terminated.itemsize
-                + self.done.itemsize)
+                + self.done.itemsize + self.frames.itemsize)
 
     def __len__(self) -> int:
         return min(self.added, self.capacity)
 
     def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
-            terminated: np.ndarray, truncated: np.ndarray) -> None:
+            terminated: np.ndarray, truncated: np.ndarray, frames: Optional[np.ndarray] = None) -> None:
         """One transition per environment (arrays with a leading ``num_envs`` axis); ``next_obs`` is the true next
-        observation (the final one when the episode ended)."""
+        observation (the final one when the episode ended); ``frames``: how many frames each spans (a semi-MDP
+        transition is discounted by ``gamma ** frames``; 1 by default)."""
         i = self.added % self.capacity
         rows = slice(i, i + self.num_envs)
         self.obs[rows], self.next_obs[rows] = obs, next_obs
         self.actions[rows], self.rewards[rows] = actions, rewards
         self.terminated[rows] = terminated
         self.done[rows] = np.logical_or(terminated, truncated)
+        self.frames[rows] = 1 if frames is None else frames
         self.added += self.num_envs
 
     def sampleable(self) -> Tuple[int, int]:
@@ -87,7 +91,7 @@ class ReplayBuffer:
         for k in range(self.n_step):
             idx = (logical + k * N) % self.capacity
             ret += np.where(alive, discount * self.rewards[idx], 0.0)
-            discount = np.where(alive, discount * self.gamma, discount)
+            discount = np.where(alive, discount * self.gamma ** self.frames[idx], discount)
             last = np.where(alive, idx, last)
             alive &= ~self.done[idx]
         discount = np.where(self.terminated[last], 0.0, discount)
@@ -114,7 +118,8 @@ class ReplayBuffer:
                 "actions": torch.from_numpy(self.actions[:n].copy()),
                 "rewards": torch.from_numpy(self.rewards[:n].copy()),
                 "terminated": torch.from_numpy(self.terminated[:n].copy()),
-                "done": torch.from_numpy(self.done[:n].copy()), "added": self.added,
+                "done": torch.from_numpy(self.done[:n].copy()), "frames": torch.from_numpy(self.frames[:n].copy()),
+                "added": self.added,
                 "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -122,8 +127,9 @@ class ReplayBuffer:
         if n > self.capacity or tuple(state["obs"].shape[1:]) != self.obs.shape[1:]:
             raise ValueError(f"the checkpoint's replay buffer ({tuple(state['obs'].shape)}) does not fit this one "
                              f"(capacity {self.capacity}, observations {self.obs.shape[1:]})")
-        for name in ("obs", "next_obs", "actions", "rewards", "terminated", "done"):
-            getattr(self, name)[:n] = state[name].numpy()
+        for name in ("obs", "next_obs", "actions", "rewards", "terminated", "done", "frames"):
+            if name in state:  # checkpoints from before semi-MDP transitions have no frames: 1 each
+                getattr(self, name)[:n] = state[name].numpy()
         self.added = int(state["added"])
         self.rng.bit_generator.state = state["rng"]
 
@@ -177,10 +183,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.tree = SumTree(self.capacity)
         self.max_priority = 1.0
 
-    def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated, frames=None) -> None:
         first = self.added % self.capacity
         self.tree.update(np.arange(first, first + self.num_envs), np.zeros(self.num_envs))  # incomplete windows
-        super().add(obs, actions, rewards, next_obs, terminated, truncated)
+        super().add(obs, actions, rewards, next_obs, terminated, truncated, frames)
         lo, hi = self.sampleable()
         start = max(lo, hi - self.num_envs + 1)
         if hi >= start:  # the windows this write completed enter at the largest priority so far

@@ -192,6 +192,12 @@ class ReplayDataModule(EnvDataModule):
             return PrioritizedReplayBuffer(**kwargs, alpha=hp.priority_alpha, beta=hp.priority_beta)
         return ReplayBuffer(**kwargs)
 
+    def make_collector(self, env: gym.vector.VectorEnv, buffer: ReplayBuffer, rank: int,
+                       world: int) -> TransitionCollector:
+        hp = self.hparams
+        return TransitionCollector(env, buffer, self._seed(rank), hp.warmup_steps, hp.epsilon_decay_steps,
+                                   hp.epsilon_end, hp.update_period, world)
+
     def setup(self, stage: str) -> None:
         if self.collector is not None or stage != "fit":
             return
@@ -199,8 +205,7 @@ class ReplayDataModule(EnvDataModule):
         hp = self.hparams
         buffer = self.make_buffer(rank)
         env = self.make_env(hp.num_envs, hp.asynchronous)
-        self.collector = TransitionCollector(env, buffer, self._seed(rank), hp.warmup_steps, hp.epsilon_decay_steps,
-                                             hp.epsilon_end, hp.update_period, world)
+        self.collector = self.make_collector(env, buffer, rank, world)
         if rank == 0 and self.trainer is not None and not self.trainer.fast_dev_run:
             print(describe_memory(buffer))
         self.restore_pending()

@@ -135,6 +135,9 @@ def recipe_data_args(recipe, tmp_path):
     if "datamodules.replay_data.ReplayDataModule" in text and "atari: true" in text:  # a short warm-up, small replay
         return ["--data.init_args.warmup_steps=64", "--data.init_args.capacity=1000",
                 "--data.init_args.eval_max_steps=50"]
+    if "datamodules.realtime" in text:  # realtime recipes (virtual or wall-clock time): the same, shorter
+        return ["--data.init_args.warmup_steps=64", "--data.init_args.capacity=1000",
+                "--data.init_args.eval_max_steps=50"]
     if "datamodules.bias_tasks.MNISTFamilyDataModule" in text:  # all seven tasks, tiny files, a narrow network
         write_mnist_family(tmp_path / "mnist", MNIST_TASKS)
         return [f"--data.init_args.path={tmp_path / 'mnist'}", "--data.init_args.batch_size=16",

@@ -50,8 +50,8 @@ def test_sampling_covers_only_complete_stored_windows():
 
 def test_frames_stay_uint8_and_the_memory_is_stated():
     buf = ReplayBuffer(1000, (10, 10, 4), num_envs=4, obs_dtype=np.uint8)
-    assert buf.obs.dtype == np.uint8 and buf.bytes_per_transition == 2 * 400 + 8 + 4 + 1 + 1
-    assert describe_memory(buf) == "replay: 1,000 transitions x 814 bytes = 0.8 MiB"
+    assert buf.obs.dtype == np.uint8 and buf.bytes_per_transition == 2 * 400 + 8 + 4 + 1 + 1 + 4  # + frames spanned
+    assert describe_memory(buf) == "replay: 1,000 transitions x 818 bytes = 0.8 MiB"
     with pytest.raises(ValueError, match="capacity 3 must hold"):
         ReplayBuffer(3, (1,), num_envs=2, n_step=2)
 
