@@ -144,8 +144,9 @@ class WallClockCollector:
                 break
             if item[0] == "t":
                 _, obs, action, reward, next_obs, term, trunc, frames = item
+                span = frames if self.dm.hparams.semi_mdp_discount else 1
                 self.buffer.add(obs[None], np.array([action]), np.array([reward]), next_obs[None], np.array([term]),
-                                np.array([trunc]), frames=np.array([frames if self.dm.hparams.semi_mdp_discount else 1]))
+                                np.array([trunc]), frames=np.array([span]))
                 self.transitions += 1
             else:
                 _, ret, length, frame = item
