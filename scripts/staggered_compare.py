@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,8 @@ def fixed_part(ks: List[int], episodes: int, out: Path) -> str:
     lines += ["", "± is one standard error over episodes.  The spec's prototype measured, for always-up, sequential "
               "18.6 / 6.3 / 6.3 / 1.9 / 0.2 and staggered 18.6 x 4 / 11.7 at k = 1 / 2 / 4 / 8 / 16 (its own "
               "simulator, not the paper's numbers).", ""]
+    shutil.copy(out / "fixed_policies.png", RESULTS.parent / "realtime_fixed_policies.png")
+    lines += ["", "![fixed policies: return against k](realtime_fixed_policies.png)", ""]
     return write_checked_section("realtime_fixed", lines, verdict, RESULTS)
 
 
@@ -196,7 +199,8 @@ def run_one(mode: str, k: int, seed: int, frames: int, out: Path) -> Dict[str, o
     return result
 
 
-def trained_part(ks: List[int], seeds: List[int], frames: int, jobs: int, out: Path) -> str:
+def trained_part(ks: List[int], seeds: List[int], frames: int, jobs: int, out: Path,
+                 section: str = "realtime_trained") -> str:
     os.environ["OMP_NUM_THREADS"] = "1"
     todo = [(m, k, s) for s in seeds for k in ks for m in (("staggered",) if k == 1 else ("sequential", "staggered"))]
     with ThreadPoolExecutor(jobs) as pool:
@@ -228,8 +232,8 @@ def trained_part(ks: List[int], seeds: List[int], frames: int, jobs: int, out: P
         verdict["sequential_k8_within_noise_of_noop"] = statistics.fmean(s8) <= noop + 2 * se + 1.0
     _plot_trained(results, ks, noop, out)
     lines = ["### DQN trained under inference delay, MinAtar Freeway (virtual time)", "",
-             f"`python scripts/staggered_compare.py --part trained --seeds {' '.join(map(str, seeds))} --frames "
-             f"{frames}` (the shipped recipes, {frames:,} frames per run, an update every 4 frames in both modes; "
+             f"`python scripts/staggered_compare.py --part trained --ks {' '.join(map(str, ks))} --seeds "
+             f"{' '.join(map(str, seeds))} --frames {frames}` (the shipped recipes, {frames:,} frames per run, an update every 4 frames in both modes; "
              "staggered with N_I = k).  Greedy return of the final policy (epsilon 0.001) over 20 episodes in the mode "
              "and delay it was trained in; mean ± standard error over seeds (per seed).  "
              f"All-noop baseline {noop:.2f}.",
@@ -243,8 +247,9 @@ def trained_part(ks: List[int], seeds: List[int], frames: int, jobs: int, out: P
         for kk in (1, 2, 4, 8, 16):
             lines.append(f"| {kk} | " + " | ".join(f"{statistics.fmean(r['transfer'][(m, kk)] for r in transfer):.2f}"
                                                  for m in ("sequential", "staggered")) + " |")
-    lines.append("")
-    return write_checked_section("realtime_trained", lines, verdict, RESULTS)
+    shutil.copy(out / "trained.png", RESULTS.parent / f"{section}.png")
+    lines += ["", f"![DQN trained under delay: final return and training curves]({section}.png)", ""]
+    return write_checked_section(section, lines, verdict, RESULTS)
 
 
 def _plot_trained(results: List[dict], ks: List[int], noop: float, out: Path) -> None:
@@ -268,9 +273,9 @@ def _plot_trained(results: List[dict], ks: List[int], noop: float, out: Path) ->
     axes[0].legend(fontsize=8)
     for r in results:
         ep = np.array(r["episodes"])
-        if len(ep):
+        if len(ep) >= 5:  # a running mean of 5 episodes (no edge effects)
             ls = "-" if r["mode"] == "staggered" else "--"
-            axes[1].plot(ep[:, 0], np.convolve(ep[:, 1], np.ones(5) / 5, mode="same"), ls, lw=0.8,
+            axes[1].plot(ep[4:, 0], np.convolve(ep[:, 1], np.ones(5) / 5, mode="valid"), ls, lw=0.8,
                          color=f"C{ks.index(r['k'])}", label=f"{r['mode']} k={r['k']}" if r["seed"] == 0 else None)
     axes[1].set_xlabel("frames")
     axes[1].set_ylabel("training episode return")
@@ -289,11 +294,12 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "staggered_compare")
+    ap.add_argument("--section", default="realtime_trained", help="docs/results.md section of the trained part")
     args = ap.parse_args()
     if args.part == "fixed":
         print(fixed_part(args.ks or [1, 2, 4, 8, 16], args.episodes, args.out))
     else:
-        print(trained_part(args.ks or [1, 4, 8], args.seeds, args.frames, args.jobs, args.out))
+        print(trained_part(args.ks or [1, 4, 8], args.seeds, args.frames, args.jobs, args.out, args.section))
 
 
 if __name__ == "__main__":

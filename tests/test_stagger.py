@@ -2,6 +2,8 @@
 that run it on the real clock (datamodules/async_inference.py): publication, a worker crash reported, no orphans
 when the learner dies or is stopped.  No wall-clock time is asserted: the timing ratios are the benchmark's
 (scripts/bench_staggering.py)."""
+import csv
+import math
 import os
 import signal
 import subprocess
@@ -170,3 +172,20 @@ def test_sigterm_and_ctrl_c_stop_the_workers(sig, mode, tmp_path):
     os.kill(proc.pid, sig)
     proc.communicate(timeout=30)
     assert proc.returncode != 0 and _gone(pids)
+
+
+# ------------------------------------------------------------------------------------------------ inference scaling
+def test_inference_scaling_script_converts_forward_times_to_k_and_workers(tmp_path):
+    from scripts.bench_inference_scaling import main, simulate as act_fraction
+
+    assert act_fraction(4, 0, 1, "sequential") == pytest.approx(0.25, abs=2e-3)
+    assert act_fraction(5, 2, 7, "staggered") == 1.0 and act_fraction(5, 2, 5, "staggered") < 0.8  # N_I < slowest: gaps
+    main(["--scales", "1", "2", "--budget", "0.05", "--frame-ms", "0.5", "--no-docs", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "inference_scaling.csv").open()))
+    assert [int(r["scale"]) for r in rows] == [1, 2] and int(rows[1]["params"]) > int(rows[0]["params"])
+    for r in rows:
+        k, n = int(r["k"]), int(r["n_workers"])
+        assert k == max(1, math.ceil(float(r["median_ms"]) / 0.5)) and n >= k
+        assert float(r["staggered_act_fraction"]) == 1.0
+        assert float(r["sequential_act_fraction"]) <= 1 / k + 0.05
+    assert (tmp_path / "inference_scaling.png").stat().st_size > 0
