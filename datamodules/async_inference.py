@@ -288,6 +288,7 @@ class EnvLoop:
         self.seen: Dict[int, np.ndarray] = collections.OrderedDict()  # frame -> observation, the recent ones
         self.history = history
         self.frame, self.last_publication, self.ep_return, self.ep_length = 0, 0, 0.0, 0
+        self.episode_start = 0  # first frame of the current episode
         self.stats = {"frames": 0, "acted": 0, "late_frames": 0, "delays": [], "versions": []}
         self._write(obs[0])
 
@@ -313,7 +314,8 @@ class EnvLoop:
             self.stats["delays"].append(self.frame - obs_frame)
             self.stats["versions"].append(version)
             seen = self.seen.get(obs_frame)
-            if seen is not None:
+            if seen is not None and obs_frame >= self.episode_start:  # an action computed in the last episode
+                # still lands (the world does not wait) but is no transition of this one
                 self.merger.agent_action(seen, action)
         next_obs, reward, terminated, truncated, _ = self.env.step(np.array([action]))
         self.merger.frame_outcome(next_obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]))
@@ -326,6 +328,7 @@ class EnvLoop:
                 self.on_episode(self.ep_return, self.ep_length, self.frame + 1)
             self.ep_return, self.ep_length = 0.0, 0
             next_obs, _ = self.env.reset()
+            self.episode_start = self.frame + 1
         self.frame += 1
         self.stats["frames"] += 1
         self.ch.frames.value = self.frame

@@ -214,9 +214,9 @@ class WallClockRealtimeDataModule(RealtimeDataModule):
             raise ValueError(f"data.respread={respread!r}; expected one of {', '.join(RESPREADS)}")
         if not isinstance(publish_every, int) or publish_every < 1:
             raise ValueError(f"data.publish_every must be an integer >= 1 update, got {publish_every!r}")
-        if default_action == "repeat":
-            raise ValueError("data.default_action='repeat' is a virtual-time option; expected noop, random or an "
-                             "action index")
+        if default_action not in ("noop", "random") and not isinstance(default_action, int):
+            raise ValueError(f"data.default_action={default_action!r}; expected noop, random or an action index "
+                             "(repeat is a virtual-time option)")
         k = max(1, math.ceil(max(inference_sleep, t_max) / frame_period - 1e-9))
         super().__init__(env_id=env_id, inference_frames=k, n_workers=n_workers, mode="staggered",
                          default_action=default_action, semi_mdp_discount=semi_mdp_discount, batch_size=batch_size,

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from recipes.cli import main
 from tests.helpers import ROOT, run_dir_args
 
 RECIPE = "recipes/realtime_dqn_freeway_wallclock.yaml"
@@ -79,3 +80,17 @@ def test_killing_the_learner_ends_the_environment_and_the_workers(after, tmp_pat
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait(30)
     assert not _wait_gone(mark), "environment / inference processes outlived the learner"
+
+
+@pytest.mark.parametrize("recipe, arg, needle", [
+    (RECIPE, "--data.init_args.n_workers=0", "data.n_workers must be an integer >= 1, got 0"),
+    (RECIPE, "--data.init_args.frame_period=0", "data.frame_period must be > 0 seconds, got 0"),
+    (RECIPE, "--data.init_args.default_action=jump", "data.default_action='jump'; expected noop, random"),
+    ("recipes/realtime_dqn_freeway_staggered.yaml", "--data.init_args.inference_frames=0",
+     "data.inference_frames must be an integer >= 1, got 0"),
+    ("recipes/realtime_dqn_freeway_sequential.yaml", "--data.init_args.default_action=jump",
+     "data.default_action='jump'; expected one of noop, random, repeat or an action index")])
+def test_bad_realtime_input_is_one_line(recipe, arg, needle, tmp_path, capsys):
+    code = main(["fit", "--config", recipe, arg, *run_dir_args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err

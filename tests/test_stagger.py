@@ -189,3 +189,55 @@ def test_inference_scaling_script_converts_forward_times_to_k_and_workers(tmp_pa
         assert float(r["staggered_act_fraction"]) == 1.0
         assert float(r["sequential_act_fraction"]) <= 1 / k + 0.05
     assert (tmp_path / "inference_scaling.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ the env loop
+class _CountingEnv:
+    """A one-copy vector env whose observation is the frame number within the episode, reward 1 per frame and the
+    action it was given recorded; episodes end after ``length`` frames."""
+
+    def __init__(self, length):
+        import gymnasium as gym
+
+        self.single_action_space, self.length, self.t, self.actions = gym.spaces.Discrete(3), length, 0, []
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.array([[0.0]], dtype=np.float32), {}
+
+    def step(self, action):
+        self.actions.append(int(action[0]))
+        self.t += 1
+        done = self.t >= self.length
+        return (np.array([[float(self.t)]], dtype=np.float32), np.array([1.0]), np.array([done]), np.array([False]),
+                {})
+
+
+def test_env_loop_applies_published_actions_once_and_merges_default_frames():
+    from datamodules.async_inference import Channels, EnvLoop
+
+    env = _CountingEnv(length=6)
+    ch = Channels((1,), np.float32, 2, 0.01)
+    out = []
+    loop = EnvLoop(env, env.reset()[0], ch, 0.01, on_transition=out.append)
+    loop.step()  # frame 0: nothing published -> noop
+    ch.publish(2, 1, 0, 0)  # computed on frame 0's observation
+    loop.step()  # frame 1: applies it
+    loop.step()  # frame 2: applied once only -> noop, merged into the open transition
+    ch.publish(1, 1, 1, 1)
+    loop.step()  # frame 3: closes the first transition
+    assert env.actions == [0, 2, 0, 1]
+    (t,) = out
+    assert (t.obs[0], t.action, t.next_obs[0], t.frames, t.rewards) == (0.0, 2, 1.0, 2, [1.0, 1.0])
+    assert loop.stats["acted"] == 2 and loop.stats["delays"] == [1, 2]
+    ch.publish(2, 2, 3, 0)
+    loop.step()  # frame 4
+    loop.step()  # frame 5: the episode ends (6 frames) and closes the open transition with its final observation
+    assert out[-1].terminated and out[-1].next_obs[0] == 6.0 and out[-1].frames == 2
+    ch.publish(1, 2, 5, 1)  # computed on the last episode's frame 5: it lands, but is no transition of this one
+    loop.step()
+    ch.publish(2, 2, 6, 0)  # on the new episode's first observation
+    loop.step()
+    ch.publish(0, 3, 7, 1)
+    loop.step()
+    assert env.actions[-3:] == [1, 2, 0] and len(out) == 4 and out[-1].obs[0] == 0.0 and out[-1].next_obs[0] == 1.0
