@@ -21,8 +21,10 @@ by ``datamodules.stagger``'s max_time schedule.
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 import traceback
@@ -47,6 +49,44 @@ class _ParentGone(Exception):
 
 def clock() -> float:
     return time.monotonic()  # system-wide on Linux and macOS: comparable across processes
+
+
+@contextlib.contextmanager
+def _locked(lock, alive=None):
+    """``with lock``, but a worker whose parent died while holding it (or waiting) stops instead of blocking."""
+    if alive is None:
+        with lock:
+            yield
+        return
+    while not lock.acquire(timeout=0.05):
+        if alive.poll(0):
+            raise _ParentGone
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def start_shielded(proc) -> None:
+    """``proc.start()`` with Ctrl-C / SIGTERM blocked meanwhile: the child inherits the block, so a signal to the
+    whole job while it is still importing stays pending until it has installed its handlers (``ignore_stop_signals``)
+    instead of killing it; ours is delivered after the start."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals() -> None:
+    """In a child: Ctrl-C and a scheduler's SIGTERM reach the whole group, and the parent decides (it stops the
+    child, or checkpoints first); the child ends on the stop event or when the parent's pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 class Channels:
@@ -103,15 +143,16 @@ class Channels:
             return np.frombuffer(self._slot, dtype=np.int64).copy()
 
     def set_weights(self, flat: torch.Tensor) -> int:
+        values = flat.detach().float().cpu().numpy()
         with self.weights_lock:
-            np.frombuffer(self._weights, dtype=np.float32)[:flat.numel()] = flat.detach().float().cpu().numpy()
+            np.frombuffer(self._weights, dtype=np.float32)[:values.size] = values
             self._version.value += 1
             return self._version.value
 
-    def weights_if_newer(self, version: int) -> Optional[Tuple[int, np.ndarray]]:
+    def weights_if_newer(self, version: int, alive=None) -> Optional[Tuple[int, np.ndarray]]:
         if self._version.value == version:
             return None
-        with self.weights_lock:
+        with _locked(self.weights_lock, alive):
             return self._version.value, np.frombuffer(self._weights, dtype=np.float32).copy()
 
     @property
@@ -122,8 +163,8 @@ class Channels:
     def epsilon(self, value: float) -> None:
         self._epsilon.value = float(value)
 
-    def log(self, row: Tuple[float, ...]) -> None:
-        with self.log_lock:
+    def log(self, row: Tuple[float, ...], alive=None) -> None:
+        with _locked(self.log_lock, alive):
             n = self._log_count.value
             if n < self.log_capacity:
                 np.frombuffer(self._log, dtype=np.float64)[n * LOG_FIELDS:(n + 1) * LOG_FIELDS] = row
@@ -140,8 +181,8 @@ class _Inference:
     """A worker's inference: the network (epsilon-greedy, weights refreshed from the channels) and/or a sleep."""
 
     def __init__(self, ch: Channels, worker: int, net_factory: Optional[Callable], num_actions: int,
-                 sleep: float, jitter: float, overrun: Optional[Tuple[int, int, float]], seed: int):
-        self.ch, self.worker = ch, worker
+                 sleep: float, jitter: float, overrun: Optional[Tuple[int, int, float]], seed: int, alive=None):
+        self.ch, self.worker, self.alive = ch, worker, alive
         self.net = net_factory() if net_factory is not None else None
         self.num_actions, self.sleep, self.jitter, self.overrun = num_actions, sleep, jitter, overrun
         self.rng = np.random.default_rng(seed)
@@ -151,7 +192,7 @@ class _Inference:
         start = clock()
         action = int(self.rng.integers(self.num_actions))
         if self.net is not None:
-            fresh = self.ch.weights_if_newer(self.version)
+            fresh = self.ch.weights_if_newer(self.version, self.alive)
             if fresh is not None:
                 self.version, flat = fresh
                 n = sum(p.numel() for p in self.net.parameters())
@@ -173,10 +214,9 @@ class _Inference:
 def _worker_main(i: int, ch: Channels, alive, net_factory, num_actions: int, sleep: float, jitter: float,
                  overrun, seed: int) -> None:
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
-    signal.signal(signal.SIGTERM, lambda *_: ch.stop.set())
+    ignore_stop_signals()
     try:
-        infer = _Inference(ch, i, net_factory, num_actions, sleep, jitter, overrun, seed)
+        infer = _Inference(ch, i, net_factory, num_actions, sleep, jitter, overrun, seed, alive)
         with ch.sched_lock:
             ch._ready.value += 1
         while not ch.go.wait(0.05):  # the schedule starts once every worker is ready
@@ -204,7 +244,7 @@ def _worker_main(i: int, ch: Channels, alive, net_factory, num_actions: int, sle
             else:
                 now = clock()
                 ch.publish(action, infer.version, obs_frame, i)
-                ch.log((now, i, read_at, dt, obs_frame))
+                ch.log((now, i, read_at, dt, obs_frame), alive)
                 cmd = loop.send(now)
     except _ParentGone:
         return
@@ -222,6 +262,7 @@ class InferencePool:
         self.reader, self._alive = ctx.Pipe(duplex=False)  # we keep the write end; our death closes it
         reader = self.reader
         self.extra: List[tuple] = []  # other processes of the run to watch and stop: (name, process)
+        self.closing = False
         self.procs = [ctx.Process(target=_worker_main, name=f"inference-{i}", daemon=True,
                                   args=(i, ch, reader, net_factory, num_actions, sleep, jitter, overrun, seed + 7 * i))
                       for i in range(ch.n_workers)]
@@ -230,13 +271,14 @@ class InferencePool:
         """Starts the workers and waits until all are ready (imports, network built); the schedule's time 0 is
         ``margin`` seconds after that, returned."""
         for p in self.procs:
-            p.start()
+            start_shielded(p)
         deadline = clock() + timeout
-        while self.ch._ready.value < len(self.procs):
+        expected = len(self.procs) + len(self.extra)  # the extra processes (an environment) count themselves too
+        while self.ch._ready.value < expected:
             self.check()
             if clock() > deadline:
-                raise WorkerError(f"only {self.ch._ready.value} of {len(self.procs)} inference workers were ready "
-                                  f"after {timeout:.0f} s")
+                raise WorkerError(f"only {self.ch._ready.value} of {expected} processes (inference workers and "
+                                  f"environment) were ready after {timeout:.0f} s")
             time.sleep(0.01)
         t0 = clock() + margin
         self.ch.stagger().start(t0)
@@ -248,16 +290,23 @@ class InferencePool:
         return [p.pid for p in self.procs]
 
     def check(self) -> None:
-        """Raises ``WorkerError`` if a worker reported an error or died."""
-        if not self.ch.errors.empty():
-            who, tb = self.ch.errors.get()
+        """Raises ``WorkerError`` if a worker reported an error, died, or the run was stopped by anyone but us."""
+        stopped = self.ch.stop.is_set() and not self.closing
+        try:  # a failing process queues its traceback, then sets stop: give the traceback time to arrive
+            who, tb = self.ch.errors.get(timeout=2.0) if stopped else self.ch.errors.get_nowait()
+        except queue.Empty:
+            pass
+        else:
             raise WorkerError(f"{'inference worker ' if isinstance(who, int) else ''}{who} failed:\n{tb}")
         named = [(f"inference worker {i}", p) for i, p in enumerate(self.procs)] + self.extra
         for name, p in named:
-            if p.exitcode is not None and not self.ch.stop.is_set():  # killed without a word
+            if p.exitcode is not None and not self.closing:  # killed without a word
                 raise WorkerError(f"{name} died (exit code {p.exitcode})")
+        if stopped:
+            raise WorkerError("the realtime processes stopped without an error report")
 
     def close(self, timeout: float = 3.0) -> None:
+        self.closing = True
         self.ch.stop.set()
         deadline = clock() + timeout
         procs = self.procs + [p for _, p in self.extra]
@@ -265,8 +314,8 @@ class InferencePool:
             if p.pid is not None:
                 p.join(max(0.0, deadline - clock()))
         for p in procs:
-            if p.pid is not None and p.is_alive():
-                p.terminate()
+            if p.pid is not None and p.is_alive():  # stuck (SIGTERM is ignored by our processes): kill it
+                p.kill()
                 p.join(1.0)
         self._alive.close()
 
@@ -314,9 +363,10 @@ class EnvLoop:
             self.stats["delays"].append(self.frame - obs_frame)
             self.stats["versions"].append(version)
             seen = self.seen.get(obs_frame)
-            if seen is not None and obs_frame >= self.episode_start:  # an action computed in the last episode
-                # still lands (the world does not wait) but is no transition of this one
+            if seen is not None and obs_frame >= self.episode_start:
                 self.merger.agent_action(seen, action)
+            else:  # computed in the last episode (or its observation left the history): it lands, the world does
+                self.merger.open = None  # not wait, but it is no transition, and ends the open one's frames
         next_obs, reward, terminated, truncated, _ = self.env.step(np.array([action]))
         self.merger.frame_outcome(next_obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]))
         for t in self.merger.closed():

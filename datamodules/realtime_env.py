@@ -246,8 +246,18 @@ class RealtimeSimulator:
         return {"pickled": torch.frombuffer(bytearray(pickle.dumps(keep)), dtype=torch.uint8).clone(),
                 "rng": self.rng.bit_generator.state}
 
+    CONFIG = {"k": "inference_frames", "n": "n_workers", "mode": "mode", "slot": "action_slot",
+              "accounting": "accounting", "jitter": "jitter", "learn_frames": "learn_frames",
+              "default_action": "default_action"}
+
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        self.__dict__.update(pickle.loads(state["pickled"].numpy().tobytes()))
+        """The state in flight of a simulator with the same settings (a changed setting is one line naming it)."""
+        saved = pickle.loads(state["pickled"].numpy().tobytes())
+        for attr, name in self.CONFIG.items():
+            if attr in saved and attr in self.__dict__ and saved[attr] != self.__dict__[attr]:
+                raise ValueError(f"data.{name}={self.__dict__[attr]!r} but the checkpoint's run used "
+                                 f"{saved[attr]!r}: a realtime run resumes with the settings it started with")
+        self.__dict__.update(saved)
         self.rng.bit_generator.state = state["rng"]
 
 

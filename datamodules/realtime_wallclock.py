@@ -26,7 +26,6 @@ import functools
 import math
 import multiprocessing as mp
 import queue
-import signal
 import time
 import traceback
 from typing import Dict, List, Optional, Union
@@ -35,7 +34,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from datamodules.async_inference import Channels, EnvLoop, InferencePool, WorkerError
+from datamodules.async_inference import (Channels, EnvLoop, InferencePool, WorkerError, ignore_stop_signals,
+                                         start_shielded)
 from datamodules.envs import make_vector_env
 from datamodules.realtime_data import RealtimeDataModule
 from datamodules.replay import ReplayBuffer
@@ -47,8 +47,7 @@ def _env_main(ch: Channels, alive, env_id: str, env_kwargs: dict, seed: int, fra
               default_action, out: mp.Queue, schedule: tuple, gamma: float) -> None:
     """The environment process: frames until the run stops or the learner process dies."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: ch.stop.set())
+    ignore_stop_signals()
     out.cancel_join_thread()  # at the end, transitions the learner no longer reads must not keep us alive
     try:
         env = make_vector_env(env_id, 1, env_kwargs=env_kwargs)
@@ -59,6 +58,8 @@ def _env_main(ch: Channels, alive, env_id: str, env_kwargs: dict, seed: int, fra
 
         loop = EnvLoop(env, obs, ch, frame_period, default_action, seed, on_transition=transition,
                        on_episode=lambda ret, length, frame: out.put(("e", ret, length, frame)))
+        with ch.sched_lock:  # frame 0 is written: ready
+            ch._ready.value += 1
         while not ch.go.wait(0.05):  # the workers get ready; the learner may die meanwhile
             if ch.stop.is_set() or alive.poll(0):
                 return
@@ -113,6 +114,10 @@ class WallClockCollector:
 
     def start(self, policy) -> None:
         hp, dm = self.dm.hparams, self.dm
+        if getattr(policy.hparams, "distributional", False):
+            raise ValueError("model.distributional=true: the wall-clock inference workers act on expected Q-values "
+                             "of a plain DQN head; use the virtual-time recipes for C51")
+        reseed = dm._seed(0) + 7919 * self.local_steps  # a resumed run does not replay the first run's randomness
         online = copy.deepcopy(policy.online).cpu().eval()
         flat = torch.nn.utils.parameters_to_vector(online.parameters())
         space = dm.observation_space
@@ -121,17 +126,17 @@ class WallClockCollector:
         self.ch.set_weights(flat)
         self.version_updates = 0
         pool = InferencePool(self.ch, functools.partial(copy.deepcopy, online), int(dm.action_space.n),
-                             hp.inference_sleep, hp.inference_jitter, seed=dm._seed(0) + 11)
+                             hp.inference_sleep, hp.inference_jitter, seed=reseed + 11)
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         gamma = hp.gamma if hp.semi_mdp_discount else 1.0
         env_proc = ctx.Process(target=_env_main, name="realtime-env", daemon=True,
-                               args=(self.ch, pool.reader, hp.env_id, hp.env_kwargs or {}, dm._seed(0), hp.frame_period,
+                               args=(self.ch, pool.reader, hp.env_id, hp.env_kwargs or {}, reseed, hp.frame_period,
                                      hp.default_action, self.queue,
                                      (self.local_steps, hp.warmup_steps, hp.epsilon_decay_steps, hp.epsilon_end),
                                      gamma))
         pool.extra.append(("environment process", env_proc))
-        env_proc.start()
+        start_shielded(env_proc)
         self.env = _Processes(pool)
         self.frames0 = self.local_steps  # frames before a resume
         pool.start()
@@ -207,9 +212,12 @@ class WallClockRealtimeDataModule(RealtimeDataModule):
                  eval_max_steps: int = 2_500, env_kwargs: Optional[dict] = None):
         if not frame_period > 0:
             raise ValueError(f"data.frame_period must be > 0 seconds, got {frame_period}")
-        if inference_sleep < 0 or not 0 <= inference_jitter < 1 or not t_max > 0:
-            raise ValueError(f"data.inference_sleep={inference_sleep} must be >= 0 s, data.inference_jitter="
-                             f"{inference_jitter} in [0, 1) and data.t_max={t_max} > 0 s")
+        if not inference_sleep >= 0:
+            raise ValueError(f"data.inference_sleep must be >= 0 seconds, got {inference_sleep}")
+        if not 0 <= inference_jitter < 1:
+            raise ValueError(f"data.inference_jitter must be in [0, 1) (relative), got {inference_jitter}")
+        if not t_max > 0:
+            raise ValueError(f"data.t_max must be > 0 seconds, got {t_max}")
         if respread not in RESPREADS:
             raise ValueError(f"data.respread={respread!r}; expected one of {', '.join(RESPREADS)}")
         if not isinstance(publish_every, int) or publish_every < 1:
@@ -233,7 +241,8 @@ class WallClockRealtimeDataModule(RealtimeDataModule):
         if self.collector is not None or stage != "fit":
             return
         if self.trainer is not None and self.trainer.world_size > 1:
-            raise ValueError("the wall-clock realtime recipe runs one learner (trainer.devices=1)")
+            raise ValueError(f"the wall-clock realtime recipe runs one learner: trainer.devices=1 (and one node), "
+                             f"got a world size of {self.trainer.world_size}")
         self.collector = WallClockCollector(self, self.make_buffer(0))
         self.restore_pending()
 

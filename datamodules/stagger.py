@@ -8,9 +8,10 @@ first starts at ``t0 + i t_max / N``, then repeats: read the latest observation,
 cycle has lasted ``t_max``, publish.  When an inference overruns (``dt > t_max``), ``t_max`` becomes ``dt`` and the
 schedule is re-spread.  Two re-spreads:
 
-* ``respread="even"`` (default): the overrunning worker publishes at once, at ``now``, and every other worker ``j``
-  gets the deadline ``now + ((j - i) mod N) t_max_new / N``: the spacing is ``t_max_new / N`` again from the next
-  publication on (deadlines only move later, so no worker is asked to publish before its inference is done).
+* ``respread="even"`` (default): the overrunning worker publishes at once, at ``now``, and the others, in the order
+  of their pending deadlines (their order in the pipeline), get the deadlines ``now + r t_max_new / N`` for
+  ``r = 1 .. N-1``: the spacing is ``t_max_new / N`` again from the next publication on, and no deadline moves
+  earlier, so no worker is asked to publish before its inference is done (tested for overruns of 1.05x to 3x).
 * ``respread="official"``: the official ``run_realtime_pokemon.py``: worker ``j`` sleeps an extra
   ``D[j] += ((i - j) mod N) (dt - t_max) / N`` before its next cycle, and a worker zeroes its ``D`` after sleeping
   it (wiping what was added meanwhile).  This shrinks the phase between workers to ``(t_max_old - delta) / N``
@@ -90,10 +91,10 @@ def worker_loop(i: int, state: StaggerState) -> Generator[tuple, object, None]:
                     for j in range(n):
                         if j != i:
                             a[2 + j] += ((i - j) % n) * delta / n
-                else:
-                    for j in range(n):
-                        if j != i:
-                            a[2 + j] = after + ((j - i) % n) * dt / n
+                else:  # the others keep their order in the pipeline (by pending deadline), spaced dt / n
+                    others = sorted((j for j in range(n) if j != i), key=lambda j: (a[2 + j], (j - i) % n))
+                    for rank, j in enumerate(others, start=1):
+                        a[2 + j] = after + rank * dt / n
                     a[2 + i] = after
                 a[1] = t_max = dt
                 target = after

@@ -147,6 +147,9 @@ def test_state_dict_resumes_mid_flight():
     b.load_state_dict(a.state_dict())
     ra, rb = _run(a, 50), _run(b, 50)
     assert ra[0] == rb[0] and a.act_frames == b.act_frames
+    c = RealtimeSimulator(BIG, 4, 5, "staggered", jitter=1, seed=1)
+    with pytest.raises(ValueError, match="data.inference_frames=4 but the checkpoint's run used 5"):
+        c.load_state_dict(a.state_dict())
 
 
 def test_freeway_fixed_policy_table_in_shape():

@@ -55,6 +55,19 @@ def test_even_respread_absorbs_a_2x_overrun_within_one_cycle():
     assert single_slot(t, T / N)["lost"] == 0
 
 
+@pytest.mark.parametrize("n", [2, 3, 8, 32])
+@pytest.mark.parametrize("factor", [1.05, 1.2, 1.5, 2.0, 3.0])
+def test_even_respread_restores_even_spacing_after_any_overrun_within_one_cycle(n, factor):
+    """Whatever the overrun and whichever worker, one new cycle after it every gap is t_max_new / N, and no worker
+    publishes twice in a row (no action lost to a 0 gap)."""
+    for w in (0, n // 2, n - 1):
+        out = simulate(n, 1.0, lambda i, c: factor if (i, c) == (w, 4) else 1.0, until=20.0, respread="even")
+        assert out["t_max"] == factor
+        t_over = [p[0] for p in out["publish"] if p[1] == w][4]
+        gaps = _gaps(out, after=t_over + factor)
+        assert len(gaps) > 2 * n and np.allclose(gaps, factor / n), (w, gaps.min(), gaps.max())
+
+
 def test_official_respread_synchronises_the_workers_after_a_2x_overrun():
     """Errata 1: D[j] += ((i - j) mod N) delta / N with delta = t_max puts every worker on the same phase."""
     out = simulate(N, T, _overrun, until=5.0, respread="official")
