@@ -222,3 +222,24 @@ def test_a_preempted_staggered_run_resumed_mid_epoch_equals_an_uninterrupted_one
     for k in da["buffer"]:  # every transition the staggered workers produced, in order
         va, vb = da["buffer"][k], db["buffer"][k]
         assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
+
+
+def test_trained_comparison_reports_greedy_and_late_training_returns(tmp_path, monkeypatch):
+    """The trained part's table and checks from given runs (the training itself is the slow claim run)."""
+    import scripts.staggered_compare as sc
+
+    def fake_run(mode, k, seed, frames, out):
+        base = {1: 40.0, 4: 10.0, 8: 0.0}[k] + (5.0 if mode == "staggered" and k > 1 else 0.0)
+        episodes = [(f, base + (3.0 if f > 0.8 * frames else 0.0) + seed) for f in range(2500, frames + 1, 2500)]
+        return {"mode": mode, "k": k, "seed": seed, "seconds": 1.0, "episodes": episodes, "final": base + seed,
+                "transfer": {}}
+
+    monkeypatch.setattr(sc, "run_one", fake_run)
+    monkeypatch.setattr(sc, "play", lambda *a, **kw: {"return": 0.0})
+    monkeypatch.setattr(sc, "RESULTS", tmp_path / "results.md")
+    text = sc.trained_part([1, 4, 8], [0, 1], 20_000, 1, tmp_path / "runs", section="trained_test")
+    assert "| 4 | 10.50 ± 0.50 (10.0, 11.0) | 15.50 ± 0.50 (15.0, 16.0) | 13.50 ± 0.50 (13.0, 14.0) | " in text
+    assert "staggered_gt_sequential_k4 yes" in text and "staggered_gt_sequential_k8_late_training yes" in text
+    assert "sequential_k8_within_noise_of_noop yes" in text  # 0.5 +- 0.5 over a 0.0 baseline: within 2 se + 1
+    assert (tmp_path / "trained_test.png").stat().st_size > 0 and "<!-- trained_test:start -->" in (
+        tmp_path / "results.md").read_text()
