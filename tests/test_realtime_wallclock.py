@@ -76,7 +76,8 @@ def test_wallclock_fit_learns_from_worker_actions_writes_its_timing_and_ends_its
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-@pytest.mark.parametrize("after", [1.0, 8.0], ids=["while-starting", "while-learning"])
+@pytest.mark.parametrize("after", [pytest.param(1.0, marks=pytest.mark.slow), 8.0],
+                         ids=["while-starting", "while-learning"])
 def test_killing_the_learner_ends_the_environment_and_the_workers(after, tmp_path):
     mark = uuid.uuid4().hex
     proc = _cli(["fit", "--config", RECIPE, "--trainer.max_epochs=50", *run_dir_args(tmp_path), *SHORT], mark)
