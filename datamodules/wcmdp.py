@@ -20,6 +20,7 @@ from typing import List, Sequence
 
 import numpy as np
 from scipy import sparse
+from scipy.special import gammaln
 
 COST_TYPES = ("quadratic", "linear")
 
@@ -122,3 +123,79 @@ class JointMDP:
     @property
     def n_actions(self) -> int:
         return len(self.actions)
+
+
+def _log_multinomial(counts) -> float:
+    counts = np.asarray(counts)
+    return float(gammaln(counts.sum() + 1) - gammaln(counts + 1).sum())
+
+
+class CountMDP:
+    """The count-aggregated MDP of ``n_arms`` identical arms (spec 1.4): a state is how many arms are in each local
+    state, an action how many arms in each local state are replaced (at most, or with ``use_all_resources`` exactly,
+    ``min(budget, n_arms)``).  Transitions convolve the arms' multinomial moves; the reward is the sum over arms; the
+    initial distribution is the push-forward of the uniform joint start, the multinomial ``N! / prod n_s! / S^N``
+    computed in log space (the official int64 version overflows from N = 23, errata 4)."""
+
+    def __init__(self, arm: Arm, n_arms: int, budget: int = 1, gamma: float = 0.95, use_all_resources: bool = False):
+        if not isinstance(n_arms, int) or n_arms < 1:
+            raise ValueError(f"n_arms must be an integer >= 1, got {n_arms!r}")
+        if not isinstance(budget, int) or not 0 <= budget <= n_arms:
+            raise ValueError(f"budget must be an integer in [0, {n_arms}] (the number of arms), got {budget!r}")
+        if not 0 <= gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        self.arm, self.n_arms, self.budget, self.gamma = arm, n_arms, budget, float(gamma)
+        S = self.n_local = arm.n_states
+        self.states = [c for c in itertools.product(range(n_arms + 1), repeat=S) if sum(c) == n_arms]
+        self.index = {c: j for j, c in enumerate(self.states)}
+        self.n_states = len(self.states)
+        need = min(budget, n_arms)
+        # actions: replacements per local state; feasible ones depend on the state
+        self.actions = [m for m in itertools.product(range(budget + 1), repeat=S)
+                        if (sum(m) == need if use_all_resources else sum(m) <= budget)]
+        self.n_actions = len(self.actions)
+        self.feasible = np.array([[all(mi <= ci for mi, ci in zip(m, c)) for m in self.actions]
+                                  for c in self.states])
+        self._moves: dict = {}
+        rows, cols, vals = [], [], []
+        self.reward = np.zeros((self.n_states, self.n_actions))
+        for j, c in enumerate(self.states):
+            for a, m in enumerate(self.actions):
+                if not self.feasible[j, a]:
+                    continue
+                keep = [ci - mi for ci, mi in zip(c, m)]
+                self.reward[j, a] = sum(keep[s] * arm.reward[s, 0] + m[s] * arm.reward[s, 1] for s in range(S))
+                dist = {tuple([0] * S): 1.0}
+                for s in range(S):
+                    for act, n in ((0, keep[s]), (1, m[s])):
+                        if n:
+                            dist = self._convolve(dist, self._multinomial(n, act, s))
+                for nxt, p in dist.items():
+                    rows.append(j * self.n_actions + a)
+                    cols.append(self.index[nxt])
+                    vals.append(p)
+        # P[(j, a), j'] for feasible pairs (infeasible rows stay empty)
+        self.P = sparse.csr_matrix((vals, (rows, cols)), shape=(self.n_states * self.n_actions, self.n_states))
+        logs = np.array([_log_multinomial(c) for c in self.states]) - n_arms * np.log(S)
+        self.mu = np.exp(logs)
+
+    def _multinomial(self, n: int, action: int, s: int) -> dict:
+        key = (n, action, s)
+        if key not in self._moves:
+            p = self.arm.P[action, s]
+            out = {}
+            for c in itertools.product(range(n + 1), repeat=self.n_local):
+                if sum(c) == n and all(pi > 0 or ci == 0 for pi, ci in zip(p, c)):
+                    logp = _log_multinomial(c) + sum(ci * np.log(pi) for pi, ci in zip(p, c) if ci)
+                    out[c] = float(np.exp(logp))
+            self._moves[key] = out
+        return self._moves[key]
+
+    @staticmethod
+    def _convolve(a: dict, b: dict) -> dict:
+        out: dict = {}
+        for ca, pa in a.items():
+            for cb, pb in b.items():
+                key = tuple(x + y for x, y in zip(ca, cb))
+                out[key] = out.get(key, 0.0) + pa * pb
+        return out

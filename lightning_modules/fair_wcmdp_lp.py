@@ -148,3 +148,64 @@ def evaluate_policy(mdp, policy: np.ndarray, mu: Optional[np.ndarray] = None) ->
     V = spsolve(M, r_pi)
     V = V.reshape(mdp.n_states, -1)
     return mu @ V
+
+
+def solve_count_lp(count_mdp) -> Solution:
+    """The utilitarian LP of a count MDP (feasible state-action pairs only), its policy polished by exact policy
+    iteration.  With identical arms, ``objective / n_arms`` is the GGF optimum for weights summing to 1 (spec 1.4);
+    ``values`` holds that per-arm value N times."""
+    m = count_mdp
+    S, A = m.n_states, m.n_actions
+    pairs = np.flatnonzero(m.feasible.ravel())  # (j, a) row-major
+    j_of = pairs // A
+    flow = sparse.csr_matrix((np.ones(len(pairs)), (j_of, np.arange(len(pairs)))), shape=(S, len(pairs)))
+    flow = flow - m.gamma * m.P[pairs].T
+    res = _solve(-m.reward.ravel()[pairs], None, None, flow.tocsr(), m.mu, [(0, None)] * len(pairs),
+                 f"count LP ({m.n_arms} arms)")
+    x = np.zeros(S * A)
+    x[pairs] = np.maximum(res.x, 0.0)
+    # polish: HiGHS's tolerances leave ~1e-6 relative at N = 40 (multinomial start weights down to 1e-19), so the
+    # LP's greedy policy is improved by exact policy iteration (a utilitarian optimum is deterministic)
+    choice = np.where(m.feasible, x.reshape(S, A), -1.0).argmax(axis=1)
+    R = np.where(m.feasible, m.reward, -np.inf)
+    for _ in range(1000):
+        V = _count_policy_values(m, choice)
+        Q = R + m.gamma * (m.P @ V).reshape(S, A)
+        better = Q.max(axis=1) > Q[np.arange(S), choice] + 1e-12 * (1 + np.abs(V))
+        if not better.any():
+            break
+        choice = np.where(better, Q.argmax(axis=1), choice)
+    policy = np.zeros((S, A))
+    policy[np.arange(S), choice] = 1.0
+    P_pi = m.P[np.arange(S) * A + choice]
+    occupancy = spsolve((sparse.identity(S, format="csc") - m.gamma * P_pi.T).tocsc(), m.mu)
+    x = policy * occupancy[:, None]
+    total = float(m.mu @ V)
+    per_arm = total / m.n_arms
+    return Solution(x=x, policy=policy, values=np.full(m.n_arms, per_arm), ggf=per_arm, objective=total)
+
+
+def _count_policy_values(m, choice: np.ndarray) -> np.ndarray:
+    S, A = m.n_states, m.n_actions
+    P_pi = m.P[np.arange(S) * A + choice]
+    r = m.reward[np.arange(S), choice]
+    return spsolve((sparse.identity(S, format="csc") - m.gamma * P_pi).tocsc(), r)
+
+
+def index_tiebreak_utilitarian_policy(mdp, tol: float = 1e-9) -> np.ndarray:
+    """A deterministic utilitarian-optimal joint policy that breaks ties by arm index (among optimal actions, the one
+    replacing the lowest-index arm): optimal in total, but not permutation invariant (errata 5)."""
+    R = mdp.reward.sum(axis=2)
+    V = np.zeros(mdp.n_states)
+    for _ in range(100_000):
+        Q = R + mdp.gamma * np.stack([mdp.P[a] @ V for a in range(mdp.n_actions)], axis=1)
+        V_new = Q.max(axis=1)
+        if np.abs(V_new - V).max() < 1e-13:
+            break
+        V = V_new
+    first = np.array([np.flatnonzero(a)[0] if a.any() else mdp.n_arms for a in mdp.actions])
+    policy = np.zeros((mdp.n_states, mdp.n_actions))
+    for s in range(mdp.n_states):
+        best = np.flatnonzero(Q[s] >= Q[s].max() - tol)
+        policy[s, best[np.argmin(first[best])]] = 1.0
+    return policy

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from datamodules.wcmdp import JointMDP, budget_actions, machine_replacement_arm, machine_replacement_arms
-from lightning_modules.fair_wcmdp_lp import (evaluate_policy, ggf, ggf_weights, gini, solve_ggf_lp,
+from datamodules.wcmdp import CountMDP, JointMDP, budget_actions, machine_replacement_arm, machine_replacement_arms
+from lightning_modules.fair_wcmdp_lp import (evaluate_policy, ggf, ggf_weights, gini,
+                                             index_tiebreak_utilitarian_policy, solve_count_lp, solve_ggf_lp,
                                              solve_utilitarian_lp)
 
 
@@ -96,3 +97,36 @@ def test_bad_input_names_the_value(call, needle):
     with pytest.raises(ValueError) as err:
         call()
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("n, expected", [(3, 2.5356), (4, 2.7491), (5, 3.0193)])
+def test_symmetry_ggf_lp_equals_the_count_lp_per_arm(n, expected):
+    """Identical arms: the GGF optimum is the permutation-invariant utilitarian optimum per arm (spec 1.4)."""
+    fair = solve_ggf_lp(JointMDP(machine_replacement_arms(n), budget=1))
+    count = solve_count_lp(CountMDP(machine_replacement_arm(), n, budget=1))
+    assert count.objective / n == pytest.approx(fair.ggf, rel=1e-6)
+    assert -fair.ggf == pytest.approx(expected, abs=1e-4)
+    np.testing.assert_allclose(fair.values, fair.values.mean(), rtol=1e-7)
+
+
+def test_index_tiebreak_utilitarian_policy_is_unequal_and_less_fair():
+    """Errata 5: the lowest-index deterministic utilitarian policy at N = 3 costs 2.2907 / 2.5207 / 2.7953 per arm
+    (GGF 2.6448), the same total as the fair one."""
+    mdp = JointMDP(machine_replacement_arms(3), budget=1)
+    values = evaluate_policy(mdp, index_tiebreak_utilitarian_policy(mdp))
+    np.testing.assert_allclose(-values, [2.2907, 2.5207, 2.7953], atol=1e-4)
+    fair = solve_ggf_lp(mdp)
+    assert values.sum() == pytest.approx(fair.values.sum(), rel=1e-9)
+    assert ggf(values, ggf_weights(3)) < fair.ggf - 0.1 and gini(values) > 0.03
+
+
+def test_count_mdp_is_a_proper_mdp_and_scales_past_the_official_overflow():
+    m = CountMDP(machine_replacement_arm(), 5, budget=1)
+    assert m.n_states == 21 and m.mu.sum() == pytest.approx(1.0)
+    rows = np.asarray(m.P.sum(axis=1)).reshape(m.n_states, m.n_actions)
+    np.testing.assert_allclose(rows[m.feasible], 1.0)
+    assert np.all(rows[~m.feasible] == 0)
+    # N = 40: the official int64 multinomial overflows; exact log-space weights give 13.674479 per arm (errata 4)
+    big = solve_count_lp(CountMDP(machine_replacement_arm(), 40, budget=1))
+    assert -big.objective / 40 == pytest.approx(13.674479, abs=1e-6)
+    assert -solve_count_lp(CountMDP(machine_replacement_arm(), 20)).objective / 20 == pytest.approx(10.6044, abs=1e-4)
