@@ -130,3 +130,16 @@ def test_count_mdp_is_a_proper_mdp_and_scales_past_the_official_overflow():
     big = solve_count_lp(CountMDP(machine_replacement_arm(), 40, budget=1))
     assert -big.objective / 40 == pytest.approx(13.674479, abs=1e-6)
     assert -solve_count_lp(CountMDP(machine_replacement_arm(), 20)).objective / 20 == pytest.approx(10.6044, abs=1e-4)
+
+
+def test_bench_script_times_both_solvers_and_agrees_between_them(tmp_path):
+    import csv
+
+    from scripts.bench_wcmdp import main
+
+    main(["--joint", "2", "3", "--count", "3", "5", "--env-steps", "50", "--no-docs", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "wcmdp_scaling.csv").open()))
+    assert [(r["solver"], int(r["n_arms"])) for r in rows] == [("joint GGF LP", 2), ("joint GGF LP", 3),
+                                                              ("count LP", 3), ("count LP", 5)]
+    assert float(rows[1]["per_arm_cost"]) == pytest.approx(float(rows[2]["per_arm_cost"]), rel=1e-6)
+    assert (tmp_path / "wcmdp_scaling.png").stat().st_size > 0
