@@ -42,11 +42,19 @@ class _MachineEnv(gym.Env):
         self.episode_length, self.reward_offset = episode_length, float(reward_offset)
         self.t = 0
 
-    def _advance(self, arms: Sequence[Arm], replace: np.ndarray):
-        arm_rewards = np.array([arm.reward[s, a] for arm, s, a in zip(arms, self.local, replace)])
-        u = self.np_random.random(len(arms))
-        for i, (arm, s, a) in enumerate(zip(arms, self.local, replace)):
-            self.local[i] = min(int(np.searchsorted(np.cumsum(arm.P[a, s]), u[i], side="right")), arm.n_states - 1)
+    @staticmethod
+    def _tables(arms: Sequence[Arm]) -> Tuple[np.ndarray, np.ndarray]:
+        """Per arm: cumulative transition rows ``(n, 2, S, S)`` and rewards ``(n, S, 2)``, for vectorised steps."""
+        return (np.stack([np.cumsum(arm.P, axis=-1) for arm in arms]), np.stack([arm.reward for arm in arms]))
+
+    def _advance(self, cum: np.ndarray, rewards: np.ndarray, replace: np.ndarray):
+        """One step of every arm at once: ``cum``/``rewards`` from ``_tables`` (one row per arm)."""
+        n = len(self.local)
+        idx = np.arange(n)
+        arm_rewards = rewards[idx, self.local, replace]
+        rows = cum[idx, replace, self.local]  # (n, S)
+        u = self.np_random.random(n)
+        self.local = np.minimum((rows <= u[:, None]).sum(axis=1), rows.shape[1] - 1)
         self.t += 1
         reward = float(arm_rewards.mean()) + self.reward_offset
         return reward, self.t >= self.episode_length, {"arm_rewards": arm_rewards, "replaced": replace.copy()}
@@ -66,6 +74,8 @@ class CountProportionEnv(_MachineEnv):
         self.action_space = gym.spaces.Box(0.0, 1.0, (self.S + 1,), np.float32)
         self.n_arms, self.budget = self.machine_range[0], self.resource_range[0]
         self.local = np.zeros(self.n_arms, dtype=np.int64)
+        cum, rewards = self._tables([arm])
+        self._cum, self._rewards = cum[0], rewards[0]  # identical arms: one table, indexed per arm below
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
@@ -101,7 +111,9 @@ class CountProportionEnv(_MachineEnv):
 
     def step(self, action):
         replace = self.decode(action)
-        reward, truncated, info = self._advance([self.arm] * self.n_arms, replace)
+        n = self.n_arms
+        reward, truncated, info = self._advance(np.broadcast_to(self._cum, (n,) + self._cum.shape),
+                                                np.broadcast_to(self._rewards, (n,) + self._rewards.shape), replace)
         return self._obs(), reward, False, truncated, info
 
 
@@ -112,6 +124,7 @@ class JointStateEnv(_MachineEnv):
         self.arms = list(arms)
         self.S = self.arms[0].n_states
         self.actions = budget_actions(len(self.arms), budget, use_all_resources)
+        self._cum, self._rewards = self._tables(self.arms)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (len(self.arms) * self.S,), np.float32)
         self.action_space = gym.spaces.Discrete(len(self.actions))
         self.local = np.zeros(len(self.arms), dtype=np.int64)
@@ -128,5 +141,5 @@ class JointStateEnv(_MachineEnv):
         return obs.ravel()
 
     def step(self, action):
-        reward, truncated, info = self._advance(self.arms, self.actions[int(action)])
+        reward, truncated, info = self._advance(self._cum, self._rewards, self.actions[int(action)])
         return self._obs(), reward, False, truncated, info
