@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import update_section  # noqa: E402
+from scripts._report import save_figure, update_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 GAMEBOY_FPS = 59.7275
@@ -159,9 +159,7 @@ def plot(rows, fits, tau_m, path) -> None:
     b.set_xlabel("slowest inference time (ms)")
     b.set_ylabel("inference processes to act every frame")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(rows, fits, args) -> str:

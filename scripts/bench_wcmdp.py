@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import update_section  # noqa: E402
+from scripts._report import save_figure, update_section  # noqa: E402
 
 DOCS = ROOT / "docs" / "performance.md"
 
@@ -96,9 +96,7 @@ def plot(rows, path) -> None:
     ax.set_xlabel("arms N (machine replacement, S = 3, K = 1)")
     ax.set_ylabel("build + solve seconds (log)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(rows, env_rate, args) -> str:

