@@ -29,7 +29,8 @@ from gymnasium.wrappers.utils import RunningMeanStd
 
 def register_namespaces(env_id: str) -> None:
     """Environment ids of installed packages that gymnasium does not register by itself: ``MinAtar/<Game>-v0|v1``
-    (the ``minatar`` package) and ``ALE/<Game>-v5`` (``ale-py``, ROMs bundled)."""
+    (the ``minatar`` package), ``ALE/<Game>-v5`` (``ale-py``, ROMs bundled) and ours, ``WCMDP/...``
+    (``datamodules.wcmdp_envs``)."""
     if env_id.startswith("MinAtar/") and "MinAtar/Breakout-v1" not in gym.registry:
         import minatar.gym
 
@@ -38,6 +39,10 @@ def register_namespaces(env_id: str) -> None:
         import ale_py
 
         gym.register_envs(ale_py)
+    elif env_id.startswith("WCMDP/"):  # the machine-replacement WCMDP (datamodules.wcmdp_envs)
+        from datamodules.wcmdp_envs import register
+
+        register()
 
 
 def check_env_id(env_id: str, field: str = "data.env_id") -> None:

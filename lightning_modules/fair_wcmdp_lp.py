@@ -83,10 +83,15 @@ def _flow(mdp) -> sparse.csr_matrix:
     return stacked[:, order].tocsr()
 
 
+class LPStatusError(ValueError):
+    """HiGHS did not return an optimum (infeasible, unbounded, a limit): a property of the problem as given, so the
+    command line reports it in one line."""
+
+
 def _solve(c, A_ub, b_ub, A_eq, b_eq, bounds, what: str):
     res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs")
     if res.status != 0:
-        raise RuntimeError(f"{what}: HiGHS status {res.status}: {res.message}")
+        raise LPStatusError(f"{what}: HiGHS status {res.status}: {res.message}")
     return res
 
 
@@ -186,10 +191,28 @@ def solve_count_lp(count_mdp) -> Solution:
 
 
 def _count_policy_values(m, choice: np.ndarray) -> np.ndarray:
+    policy = np.zeros((m.n_states, m.n_actions))
+    policy[np.arange(m.n_states), choice] = 1.0
+    return count_policy_state_values(m, policy)
+
+
+def count_policy_state_values(m, policy: np.ndarray) -> np.ndarray:
+    """``V(n)`` of a (possibly randomised) count policy ``policy[j, a]`` (zero on infeasible pairs): the total over
+    arms, exactly."""
     S, A = m.n_states, m.n_actions
-    P_pi = m.P[np.arange(S) * A + choice]
-    r = m.reward[np.arange(S), choice]
+    if np.any(policy[~m.feasible] > 0):
+        raise ValueError("the count policy puts mass on infeasible actions")
+    P_pi = sparse.diags(policy.ravel()) @ m.P  # rows (j, a) weighted by pi(a|j)
+    P_pi = sparse.csr_matrix((np.ones(S * A), (np.repeat(np.arange(S), A), np.arange(S * A))),
+                             shape=(S, S * A)) @ P_pi
+    r = (policy * np.where(m.feasible, m.reward, 0.0)).sum(axis=1)
     return spsolve((sparse.identity(S, format="csc") - m.gamma * P_pi).tocsc(), r)
+
+
+def evaluate_count_policy(m, policy: np.ndarray) -> float:
+    """The per-arm expected discounted return of a permutation-invariant policy given on the count MDP (every arm
+    has the same value, the total over ``n_arms``), from the multinomial start."""
+    return float(m.mu @ count_policy_state_values(m, policy)) / m.n_arms
 
 
 def index_tiebreak_utilitarian_policy(mdp, tol: float = 1e-9) -> np.ndarray:

@@ -27,7 +27,7 @@ def test_count_proportion_observation_and_decoding():
     env.local[:] = 1
     assert env.decode([1.0, 0.0, 0.0, 1.0]).sum() == 2  # the wanted state is empty: fall back to the proportions
     obs, reward, term, trunc, info = env.step([0.0, 0.0, 0.0, 0.0])
-    assert reward == pytest.approx(info["arm_rewards"].mean() + 1.0) and len(info["arm_rewards"]) == 6
+    assert reward == pytest.approx(env.arm_rewards.mean() + 1.0) and len(env.arm_rewards) == 6
 
 
 def _worst_first_policy(mdp):
@@ -57,7 +57,7 @@ def test_joint_env_monte_carlo_returns_match_exact_evaluation():
         for _t in range(150):
             a = int(pi[index[tuple(env.local.tolist())]].argmax())
             _, _, _, trunc, info = env.step(a)
-            total += disc * info["arm_rewards"]
+            total += disc * env.arm_rewards
             disc *= 0.9
         returns.append(total)
     returns = np.array(returns)
