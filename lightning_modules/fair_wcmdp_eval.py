@@ -145,11 +145,11 @@ def evaluate_agent(act: Policy, env_id: str, env_kwargs: dict, eval_arms: Sequen
     """The fairness rows of a policy trained on a machine-replacement environment id (``datamodules.wcmdp_envs``),
     beside a uniformly random policy.  Returns ``(rows, arm_rows)``: one row per ``(n_arms, policy)`` with ``value``
     (the agent: its exact per-arm GGF; random: the Monte-Carlo GGF), ``optimum`` (the GGF optimum: count LP for the
-    count env, the joint GGF LP for the joint env), ``gap`` (relative shortfall) and the Monte-Carlo summary; one arm
+    count env and identical machines, the joint GGF LP otherwise), ``gap`` (relative shortfall) and the Monte-Carlo summary; one arm
     row per arm with its Monte-Carlo mean and standard error."""
     from datamodules.wcmdp import machine_replacement_arm, machine_replacement_arms
     from datamodules.wcmdp_envs import COUNT_ENV_ID, JOINT_ENV_ID, make_count_env, make_joint_env
-    from lightning_modules.fair_wcmdp_lp import evaluate_policy, ggf_weights, solve_ggf_lp
+    from lightning_modules.fair_wcmdp_lp import evaluate_policy, ggf_weights, solve_count_lp, solve_ggf_lp
 
     from datamodules.wcmdp_envs import env_kwarg
 
@@ -191,9 +191,13 @@ def evaluate_agent(act: Policy, env_id: str, env_kwargs: dict, eval_arms: Sequen
                 add(n, "random", float(ggf(rnd.mean(axis=0), w)), r["optimum"], rnd, w)
     elif env_id == JOINT_ENV_ID:
         n = n_joint
-        m = JointMDP(machine_replacement_arms(n, **_arm_kwargs(env_kwargs)), budget, gamma, use_all)
+        arms = machine_replacement_arms(n, **_arm_kwargs(env_kwargs))
+        m = JointMDP(arms, budget, gamma, use_all)
         w = ggf_weights(n)
-        optimum = solve_ggf_lp(m, w).ggf
+        identical = all((a.P == arms[0].P).all() and (a.reward == arms[0].reward).all() for a in arms)
+        # identical machines: the count LP is the GGF optimum (the symmetry theorem, tested) at any size
+        optimum = solve_count_lp(CountMDP(arms[0], n, budget, gamma, use_all)).ggf if identical else \
+            solve_ggf_lp(m, w).ggf
 
         def make():
             return make_joint_env(n, **_arm_kwargs(env_kwargs), budget=budget, use_all_resources=use_all,

@@ -213,3 +213,31 @@ def test_joint_ppo_recipe_short_fit_writes_the_fairness_report(tmp_path):
     rows = _rows(tmp_path / "logs" / "version_0" / "fairness.csv")
     assert float(rows["agent"]["optimum"]) == pytest.approx(-2.5356, abs=1e-4)  # the joint GGF LP, N = 3
     assert float(rows["random"]["gap"]) > 0.5 and float(rows["agent"]["gap"]) >= -1e-9
+
+
+def test_compare_script_tables_and_checks(tmp_path, monkeypatch):
+    import scripts.fair_wcmdp_compare as compare
+
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results.md")
+    exact = {(0.5, False): compare.exact_policies(0.5, False)}
+    assert exact[(0.5, False)]["fair (GGF LP)"]["ggf"] == pytest.approx(-3.3591, abs=1e-4)
+    sym = compare.symmetry_rows((3,))
+    assert sym[0]["rel"] < 1e-9 and sym[0]["tie_ggf"] == pytest.approx(-2.6448, abs=1e-4)
+    scale = compare.scale_rows((10,))
+    assert scale[0]["states"] == 66 and scale[0]["value"] == pytest.approx(-5.3685, abs=1e-4)
+    rows = []
+    for seed, gap in ((0, 0.0), (1, 0.02)):
+        rows += [{"kind": "cpdrl", "seed": seed, "policy": "agent", "n_arms": 3.0, "value": -2.5356 * (1 + gap),
+                  "optimum": -2.5356, "gap": gap, "mc_equality_z": 1.5},
+                 {"kind": "cpdrl", "seed": seed, "policy": "random", "n_arms": 3.0, "value": -8.4, "optimum": -2.5356,
+                  "gap": 2.3, "mc_equality_z": 1.0}]
+    rows.append({"kind": "joint", "seed": 0, "policy": "agent", "n_arms": 3.0, "value": -2.6, "optimum": -2.5356,
+                 "gap": 0.025, "mc_equality_z": 7.0})
+    table = compare.rl_table(rows, [3])
+    assert table[0]["cp_worst_gap"] == 0.02 and table[0]["seeds"] == 2 and table[0]["joint_z"] == 7.0
+    text, verdict = compare.write(exact, sym, scale, table, "cmd", 0.03)
+    assert all(verdict.values()), verdict
+    _, verdict = compare.write(exact, sym, scale, table, "cmd", 0.01)  # the gap check can fail
+    assert not verdict["CP-DRL gap <= 1% at N=3..8 (every seed)"]
+    written = (tmp_path / "results.md").read_text()
+    assert "<!-- fair_wcmdp:start -->" in written and "| 3 | -2.5356 |" in written
