@@ -9,6 +9,7 @@ compares (GGF, total, worst arm, Gini, max-min gap).
   states).
 * ``joint_policy`` turns a joint-state policy (``JointStateEnv``'s one-hot observation -> joint action index) into
   ``policy[s, a]`` for ``evaluate_policy`` on the joint MDP.
+* ``sampled_joint_actions`` simulates a randomised joint policy (the GGF LP's) by sampling its actions.
 * ``monte_carlo_arm_values`` plays episodes of an environment with any policy and returns each episode's discounted
   return per arm (``env.arm_rewards``), for the per-arm equality check and for policies with no exact form.
 """
@@ -62,6 +63,21 @@ def joint_policy(m: JointMDP, act: Policy) -> np.ndarray:
     policy = np.zeros((m.n_states, m.n_actions))
     policy[np.arange(m.n_states), idx] = 1.0
     return policy
+
+
+def sampled_joint_actions(m: JointMDP, policy: np.ndarray, seed: int = 0) -> Policy:
+    """A randomised joint policy ``policy[s, a]`` (e.g. the GGF LP's ``x(s, a) / sum_a x(s, a)``) acting in
+    ``JointStateEnv``: each action *sampled* from its state's row (taking the most likely one instead loses
+    optimality and equality: the spec's pitfall).  Joint states are lexicographic, arm 0 most significant."""
+    rng = np.random.default_rng(seed)
+    place = m.n_local ** np.arange(m.n_arms - 1, -1, -1)
+    cdf = np.cumsum(policy, axis=1)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        local = np.asarray(obs).reshape(len(obs), m.n_arms, m.n_local).argmax(axis=2)
+        rows = cdf[local @ place]
+        return np.minimum((rows <= rng.random((len(obs), 1)) * rows[:, -1:]).sum(axis=1), m.n_actions - 1)
+    return act
 
 
 def monte_carlo_arm_values(make_env: Callable[[], object], act: Policy, episodes: int, gamma: float, seed: int = 0,

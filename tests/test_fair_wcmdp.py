@@ -168,6 +168,26 @@ def test_joint_policy_evaluation_and_the_index_tiebreak_unfairness():
     assert set(np.unique(rnd)) == {0, 1, 2, 3}
 
 
+def test_the_randomised_ggf_policy_is_simulated_by_sampling():
+    """Identical machines, N = 3: the GGF optimum randomises in two states.  Sampled, its Monte-Carlo per-arm values
+    match the exact ones (equal arms); its most likely action instead is unequal and has a lower GGF."""
+    from datamodules.wcmdp_envs import make_joint_env
+    from lightning_modules.fair_wcmdp_eval import arm_equality_z, sampled_joint_actions
+    from lightning_modules.fair_wcmdp_lp import ggf, ggf_weights
+
+    mdp = JointMDP(machine_replacement_arms(3), 1)
+    fair = solve_ggf_lp(mdp)
+    assert (fair.policy.max(axis=1) < 0.999).sum() == 2
+    returns = monte_carlo_arm_values(lambda: make_joint_env(3, reward_offset=0.0, episode_length=120),
+                                     sampled_joint_actions(mdp, fair.policy, seed=1), 600, 0.95, seed=11)
+    se = returns.std(axis=0, ddof=1) / np.sqrt(len(returns))
+    assert np.all(np.abs(returns.mean(axis=0) - fair.values) < 4 * se + 0.01)
+    assert arm_equality_z(returns) < 4
+    argmax = np.eye(mdp.n_actions)[fair.policy.argmax(axis=1)]
+    values = evaluate_policy(mdp, argmax)
+    assert np.ptp(values) > 0.05 and ggf(values, ggf_weights(3)) < fair.ggf - 0.01
+
+
 def test_machine_replacement_env_ids_are_registered():
     from datamodules.envs import make_vector_env
 
@@ -241,3 +261,14 @@ def test_compare_script_tables_and_checks(tmp_path, monkeypatch):
     assert not verdict["CP-DRL gap <= 1% at N=3..8 (every seed)"]
     written = (tmp_path / "results.md").read_text()
     assert "<!-- fair_wcmdp:start -->" in written and "| 3 | -2.5356 |" in written
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--data.init_args.env_kwargs.cost_type=cubic"], "cost_type='cubic'; expected one of quadratic, linear"),
+    (["--data.init_args.env_kwargs.machine_range=[5, 2]"], "machine_range=[5, 2] must satisfy 1 <= low <= high"),
+    (["--data.init_args.env_kwargs.episode_length=long"], "env_kwargs.episode_length='long'; expected int"),
+])
+def test_cpdrl_recipe_bad_environment_settings_are_one_line(extra, needle, tmp_path, capsys):
+    assert main(["fit", "--config", "recipes/cpdrl_machine_replacement.yaml", *run_dir_args(tmp_path), *extra]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], errors
