@@ -27,7 +27,6 @@ from typing import List, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import Metric
 
 from lightning_modules.layers.frozen_random import DISTRIBUTIONS, LeakyRandomRNN, RandomLinear, UnitMask

@@ -236,8 +236,8 @@ def write(out: Path, tab: dict, ll: dict, results: List[dict], command: str) -> 
              "not quoted: the spec marks them unconfirmed).", ""]
     if tab:
         names = list(tab["curves"])
-        lines += [f"Tabular, exact advantages: 10-state, 4-action chain, gamma 0.9, uniform start and policy; gap "
-                  f"J* - J(pi_t) at iteration t (`tabular_gap.png`).", "",
+        lines += ["Tabular, exact advantages: 10-state, 4-action chain, gamma 0.9, uniform start and policy; gap "
+                  "J* - J(pi_t) at iteration t (`tabular_gap.png`).", "",
                   "| method | t=10 | t=50 | t=100 | t=299 |", "|---|---|---|---|---|"]
         lines += [f"| {n} | " + " | ".join(f"{tab['curves'][n][t]:.3g}" for t in (10, 50, 100, 299)) + " |"
                   for n in names]

@@ -1,8 +1,5 @@
 """Numerics of forgetting attention: every backend against a naive loop / the dense reference, in float64."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Every shipped recipe parses with the CLI and runs; logging backends; bad input gives one-line errors."""
-import os
 
 import pytest
 import torch

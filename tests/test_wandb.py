@@ -1,6 +1,5 @@
 """W&B behind one switch (recipes/loggers/wandb.yaml): offline with no credentials, the full resolved config and the
 recipe's plots logged, and a second run in the same folder works (the LightningCLI + W&B config.yaml pitfall)."""
-import os
 
 import pytest
 

@@ -369,7 +369,7 @@ def _tiles(q_starts, a: int, b: int, start: int, dtype):
     """The key tiles of query block [a, b) (at key positions [start, start + b - a)): ``(k0, k1, causal, mask)``,
     the diagonal tile first.  Without document starts: the causal diagonal and all keys before it.  With them:
     keys from the block's smallest start, with an additive mask only where a row's start cuts into a tile."""
-    n, end = b - a, start + b - a
+    end = start + b - a
     if q_starts is None:
         return [(start, end, True, None)] + ([(0, start, False, None)] if start > 0 else [])
     qs = q_starts[:, a:b]  # (B, n)
