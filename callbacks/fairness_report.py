@@ -14,7 +14,6 @@ the end of the fit (rank 0; not under ``fast_dev_run``).
 """
 from __future__ import annotations
 
-import csv
 import os
 from typing import Dict, List, Sequence
 
@@ -23,17 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks.run_files import run_dir
-
-
-def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
-    fields: List[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+from callbacks.run_files import report_dir, save_figure, write_rows
 
 
 def bar_plot(path: str, series: Dict[str, Sequence[float]], title: str, ylabel: str = "per-arm discounted reward"):
@@ -52,9 +41,7 @@ def bar_plot(path: str, series: Dict[str, Sequence[float]], title: str, ylabel: 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _settings(dm) -> Dict[str, object]:
@@ -67,15 +54,14 @@ def _settings(dm) -> Dict[str, object]:
 class GGFReport(L.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run or not pl_module.results:
+        out = report_dir(trainer)
+        if out is None or not pl_module.results:
             return
-        out = run_dir(trainer)
-        os.makedirs(out, exist_ok=True)
         settings = _settings(trainer.datamodule)
         rows = [{**r, **settings} for r in pl_module.results]
         main = [r for r in rows if not r["policy"].startswith("ggf_base_")]
         trade = [r for r in rows if r["policy"].startswith("ggf_base_")]
-        write_csv(os.path.join(out, "policies.csv"), main)
+        write_rows(os.path.join(out, "policies.csv"), main)
         n = pl_module.mdp.n_arms
         bar_plot(os.path.join(out, "per_arm_values.png"),
                  {r["policy"]: [r[f"arm_{i}"] for i in range(n)] for r in main},
@@ -86,7 +72,7 @@ class GGFReport(L.Callback):
                   for r in main]
         rank_zero_info("GGF LP, per-arm expected discounted rewards (higher is better):\n" + "\n".join(lines))
         if trade:
-            write_csv(os.path.join(out, "tradeoff.csv"), trade)
+            write_rows(os.path.join(out, "tradeoff.csv"), trade)
             self._tradeoff_plot(os.path.join(out, "tradeoff.png"), trade)
 
     @staticmethod
@@ -103,9 +89,7 @@ class GGFReport(L.Callback):
         ax.set_xlabel("worst arm's value")
         ax.set_ylabel("total value")
         ax.set_title("GGF LP with w_k ~ b^-(k-1): b = 1 utilitarian, large b max-min", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
 
 class CPDRLReport(L.Callback):
@@ -121,7 +105,8 @@ class CPDRLReport(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        out = report_dir(trainer)
+        if out is None:
             return
         from lightning_modules.fair_wcmdp_eval import evaluate_agent
 
@@ -137,10 +122,8 @@ class CPDRLReport(L.Callback):
         rows, arms = evaluate_agent(act, dm.hparams.env_id, dm.hparams.env_kwargs or {}, self.eval_arms,
                                     self.episodes, self.budget, self.gamma, self.seed)
         pl_module.train(was_training)
-        out = run_dir(trainer)
-        os.makedirs(out, exist_ok=True)
-        write_csv(os.path.join(out, "fairness.csv"), rows)
-        write_csv(os.path.join(out, "per_arm_values.csv"), arms)
+        write_rows(os.path.join(out, "fairness.csv"), rows)
+        write_rows(os.path.join(out, "per_arm_values.csv"), arms)
         plot_fairness(out, rows, arms)
         rank_zero_info("\n".join(f"N={r['n_arms']} {r['policy']}: value {r['value']:.4f} vs optimum "
                                  f"{r['optimum']:.4f} (gap {100 * r['gap']:.2f}%)" for r in rows
@@ -165,9 +148,7 @@ def plot_fairness(out: str, rows: List[Dict[str, object]], arms: List[Dict[str, 
     ax.set_xlabel("machines N")
     ax.set_ylabel("GGF of per-arm discounted rewards")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "fairness.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "fairness.png"))
     agent = [a for a in arms if a["policy"] == "agent"]
     if not agent:
         return
@@ -179,6 +160,4 @@ def plot_fairness(out: str, rows: List[Dict[str, object]], arms: List[Dict[str, 
     ax.set_xticks(range(len({a["n_arms"] for a in agent})), [f"N={n}" for n in sorted({a["n_arms"] for a in agent})])
     ax.set_ylabel("per-arm value (Monte Carlo, +-1 s.e.)")
     ax.set_title("agent: one point per arm", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "per_arm_values.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "per_arm_values.png"))

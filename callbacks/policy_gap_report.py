@@ -3,14 +3,13 @@
 plot of the SPMA paper's tabular experiments).  The rows are checkpointed, so a resumed run's report is whole."""
 from __future__ import annotations
 
-import csv
 import os
 from typing import Dict, List
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.run_files import run_dir
+from callbacks.run_files import report_dir, save_figure, write_rows
 
 
 class PolicyGapReport(L.Callback):
@@ -30,14 +29,10 @@ class PolicyGapReport(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run or not self.rows:
+        out = report_dir(trainer)
+        if out is None or not self.rows:
             return
-        out = run_dir(trainer)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gap.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
-            w.writeheader()
-            w.writerows(self.rows)
+        write_rows(os.path.join(out, "gap.csv"), self.rows)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -49,6 +44,4 @@ class PolicyGapReport(L.Callback):
         ax.set_xlabel("iteration t")
         ax.set_ylabel("J* - J(pi_t)")
         ax.set_title(f"{hp.method}, eta={hp.eta}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "gap.png"), dpi=120)
-        plt.close(fig)
+        save_figure(fig, os.path.join(out, "gap.png"))

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "performance.md"
 
@@ -91,12 +92,3 @@ def write_checked_section(name: str, lines: List[str], verdict: Dict[str, bool],
     text = "\n".join([*lines, "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items()), ""])
     update_section(name, text, path)
     return text
-
-
-def save_figure(fig, path) -> None:
-    """Lay out, write (120 dpi) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

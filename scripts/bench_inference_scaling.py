@@ -37,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import save_figure, update_section  # noqa: E402
+from callbacks.run_files import save_figure  # noqa: E402
+from scripts._report import update_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 GAMEBOY_FPS = 59.7275

@@ -36,7 +36,8 @@ from datamodules.wcmdp import CountMDP, JointMDP, machine_replacement_arms  # no
 from lightning_modules.fair_wcmdp_eval import summary  # noqa: E402
 from lightning_modules.fair_wcmdp_lp import (  # noqa: E402
     evaluate_policy, ggf_weights, index_tiebreak_utilitarian_policy, solve_count_lp, solve_ggf_lp, solve_utilitarian_lp)
-from scripts._report import fit_run, save_figure, write_checked_section  # noqa: E402
+from callbacks.run_files import save_figure  # noqa: E402
+from scripts._report import fit_run, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 HETERO = [0.9, 0.8, 0.6]
