@@ -48,11 +48,11 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
 
 
 def write_rows(path: str, rows: List[Dict[str, object]]) -> None:
-    """Dict rows as a CSV (the union of their keys as the header, floats to 6 decimals)."""
+    """Dict rows as a CSV, the union of their keys as the header, numbers at full precision."""
     fields: List[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
-        w.writerows([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+        w.writerows(rows)
