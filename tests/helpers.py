@@ -157,6 +157,14 @@ def recipe_data_args(recipe, tmp_path):
     return []
 
 
+def one_line_error(capsys) -> str:
+    """The run's stderr ends with exactly one ``error: ...`` line and holds no traceback; returns that line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in "\n".join(err), err[-5:]
+    return errors[0]
+
+
 def run_dir_args(tmp_path):
     return [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recipes.cli import main
-from tests.helpers import RECIPES, SMALL_DATA, recipe_data_args, run_dir_args
+from tests.helpers import RECIPES, SMALL_DATA, one_line_error, recipe_data_args, run_dir_args
 
 DEFAULT = {"fox_lm", "cbsom_digits", "feasible_digits", "feasible_utkface"}  # FoXLM, TopographicClassifier,
 # FeasibleClassifier, FeasibleRegressor
@@ -65,13 +65,6 @@ def test_architecture_from_the_checkpoint_run_settings_from_the_command_line(tmp
     assert hp["vocab_size"] is None and hp["train_seq_len"] is None  # hparams are what the user passed
 
 
-def _one_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in "\n".join(err), err[-5:]
-    return errors[0]
-
-
 def test_truncated_checkpoint_names_the_newest_readable_one(tmp_path, capsys):
     ckpt = Path(_fit_fox(tmp_path))
     half = tmp_path / "checkpoints" / "step0000004.ckpt"
@@ -82,7 +75,7 @@ def test_truncated_checkpoint_names_the_newest_readable_one(tmp_path, capsys):
             (tmp_path / "checkpoints" / "last.ckpt").unlink()
             (tmp_path / "checkpoints" / "last.ckpt").symlink_to(half.name)
         assert main(["validate", *FOX, *run_dir_args(tmp_path), f"--ckpt_path={kind}"]) == 2
-        line = _one_line(capsys)
+        line = one_line_error(capsys)
         assert "step0000004.ckpt cannot be read (truncated or corrupt" in line, line
         assert line.endswith(f"the newest readable checkpoint beside it is {ckpt}"), line
 
@@ -93,7 +86,7 @@ def test_checkpoint_of_another_recipe_is_one_line(tmp_path, capsys):
     som = next((tmp_path / "som" / "checkpoints").glob("step*.ckpt"))
     capsys.readouterr()
     assert main(["validate", *FOX, *run_dir_args(tmp_path), f"--ckpt_path={som}"]) == 2
-    line = _one_line(capsys)
+    line = one_line_error(capsys)
     assert "holds a lightning_modules.topographic_resnet.TopographicClassifier model but this recipe's model is " \
            "lightning_modules.fox_lm.FoXLM" in line, line
 
@@ -101,7 +94,7 @@ def test_checkpoint_of_another_recipe_is_one_line(tmp_path, capsys):
 def test_vocabulary_clashes_name_both_values(tmp_path, capsys):
     assert main(["fit", *FOX, *run_dir_args(tmp_path), "--trainer.max_steps=1",
                  "--model.init_args.vocab_size=100"]) == 2
-    line = _one_line(capsys)
+    line = one_line_error(capsys)
     assert "model.vocab_size=100" in line and "256" in line, line
     ckpt = _fit_fox(tmp_path / "a")
     import numpy as np
@@ -111,7 +104,7 @@ def test_vocabulary_clashes_name_both_values(tmp_path, capsys):
     assert main(["validate", "--config", "recipes/fox_lm.yaml", "--data.init_args.val_windows=2",
                  f"--data.init_args.path={tmp_path / 't.bin'}", "--data.init_args.vocab_size=1000",
                  *run_dir_args(tmp_path / "b"), f"--ckpt_path={ckpt}"]) == 2
-    line = _one_line(capsys)
+    line = one_line_error(capsys)
     assert "vocabulary of 256 tokens" in line and "1000" in line, line
 
 
@@ -129,7 +122,7 @@ def test_bad_generation_input_is_one_line(extra, needle, tmp_path, capsys):
     empty.write_text("def f(\n\nclass A\n")
     extra = [e.format(empty=empty) for e in extra]
     assert main(["predict", *FOX, *run_dir_args(tmp_path), *extra]) == 2
-    line = _one_line(capsys)
+    line = one_line_error(capsys)
     assert needle in line and len(line) < 300, line
 
 
