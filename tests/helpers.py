@@ -122,6 +122,10 @@ def write_mnist_family(root, tasks=("mnist", "fashion_mnist", "kmnist"), n_train
                 _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[split])
 
 
+SHRINK_DUALFORMER = ["--model.init_args.d_model=32", "--model.init_args.n_layers=1", "--model.init_args.n_heads=2",
+                     "--data.init_args.batch_size=2"]  # a GPU-sized Dualformer recipe, the same mazes, on CPU
+
+
 def recipe_data_args(recipe, tmp_path):
     """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
     is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
@@ -134,7 +138,8 @@ def recipe_data_args(recipe, tmp_path):
         return list(SMALL_DATA)
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
-                "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24"]
+                "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",
+                *(SHRINK_DUALFORMER if "d_model: 64" not in text else [])]
     if "datamodules.replay_data.ReplayDataModule" in text and "atari: true" in text:  # a short warm-up, small replay
         return ["--data.init_args.warmup_steps=64", "--data.init_args.capacity=1000",
                 "--data.init_args.eval_max_steps=50"]

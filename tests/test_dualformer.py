@@ -166,3 +166,43 @@ def test_plan_metrics_parse_valid_invalid_and_suboptimal_plans():
     assert check_plan(detour, r.plan, 3) == (True, False)  # correct but not optimal
     r = parse_response("plan 0 0 plan 1 0 plan 0 0 plan 1 0 plan 2 0".split())
     assert check_plan(detour, r.plan, 3) == (False, False)  # revisits (stricter than the official check)
+
+
+# --------------------------------------------------------------------------------------------------- Sokoban
+def test_sokoban_astar_is_optimal_against_bfs_and_its_plans_replay():
+    from collections import deque
+
+    from datamodules.maze_astar import neighbours
+    from datamodules.sokoban_astar import (heuristic, move, parse_sokoban, random_sokoban, replay, sokoban_astar,
+                                           sokoban_prompt, sokoban_trace)
+
+    def bfs(p):
+        dist, queue = {p.start: 0}, deque([p.start])
+        while queue:
+            s = queue.popleft()
+            if p.solved(s):
+                return dist[s]
+            for t in neighbours(s[0]):
+                c = move(p, s, t)
+                if c is not None and c not in dist:
+                    dist[c] = dist[s] + 1
+                    queue.append(c)
+        return None
+
+    rng = random.Random(5)
+    solved = 0
+    for _ in range(25):
+        p = random_sokoban(rng)
+        assert parse_sokoban(sokoban_prompt(p), 7) == p
+        r = sokoban_astar(p, max_expansions=50000)
+        best = bfs(p)
+        assert (len(r.plan) - 1 if r.solved else None) == best
+        if r.solved:
+            solved += 1
+            assert p.solved(replay(p, r.plan))
+            words = sokoban_trace(r.events[:1])
+            assert words[:4] == ["create", "worker", str(p.worker[0]), str(p.worker[1])] and words[4] == "box"
+    assert solved >= 15
+    p = random_sokoban(random.Random(0))
+    corner = (1, 1)  # against the border in both directions: a deadlock unless on a dock
+    assert heuristic(p, [corner]) == (0 if corner in p.docks else float("inf"))
