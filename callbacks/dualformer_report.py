@@ -1,13 +1,13 @@
 """The Dualformer report (spec ``dualformer.md`` 1.7), saved in the run folder at the end of the fit and of a test
-run (rank 0; not under ``fast_dev_run``): the trained model decodes the first ``items`` test mazes (unseen layouts) in
-each mode.
+run (rank 0; not under ``fast_dev_run``): the trained model decodes the first ``items`` test mazes (unseen layouts)
+or Sokoban puzzles in each mode.
 
 * ``modes.csv``: per mode, the greedy optimal and correct rates, mean trace and response tokens, the fraction of
   answers that start in slow mode (the auto-mode choice) and, with ``samples`` = k > 0, 1-Solved-k, 1-Optimal-k,
   diversity (distinct optimal plans among k) and the sampled trace length;
 * ``responses.csv``: every greedy answer (mode, item, correct, optimal, trace tokens, plan);
 * ``trace_vs_optimal.png``: optimal rate against mean trace tokens, one point per mode;
-* ``mazes.png``: the first ``render`` test mazes with the plan predicted in each mode.
+* ``mazes.png`` (``puzzles.png`` for Sokoban): the first ``render`` test puzzles with the plan of each mode.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.run_files import report_dir, save_figure, write_rows
-from lightning_modules.dualformer_eval import evaluate, item_maze, summary_table
+from lightning_modules.dualformer_eval import evaluate, item_puzzle, summary_table
 
 
-def render_mazes(path: str, traces, rows, modes: Sequence[str], count: int) -> None:
+def render_puzzles(path: str, traces, rows, modes: Sequence[str], count: int) -> None:
+    """The first ``count`` test puzzles (columns) with the plan of each mode (rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,28 +34,35 @@ def render_mazes(path: str, traces, rows, modes: Sequence[str], count: int) -> N
     by_key = {(r["mode"], r["item"]): r for r in rows}
     for m, mode in enumerate(modes):
         for i in range(count):
-            ax = axes[m][i]
-            e = traces[i]
-            maze = item_maze([traces.vocabulary[t] for t in e["prompt"]], e["size"])
-            for x, y in maze.walls:
+            ax, puzzle = axes[m][i], item_puzzle(traces, i)
+            size = traces[i]["size"]
+            for x, y in puzzle.walls:
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, color="0.25"))
             r = by_key.get((mode, i))
             if r and r["plan"]:
                 cells = [tuple(map(int, c.split(","))) for c in r["plan"].split()]
                 ax.plot([c[0] for c in cells], [c[1] for c in cells], "-o", ms=3,
                         color="tab:green" if r["optimal"] else ("tab:orange" if r["correct"] else "tab:red"))
-            ax.plot(*maze.start, "s", color="tab:blue", ms=7)
-            ax.plot(*maze.goal, "*", color="tab:purple", ms=10)
-            ax.set_xlim(-0.5, maze.width - 0.5)
-            ax.set_ylim(-0.5, maze.height - 0.5)
+            if traces.task == "maze":
+                ax.plot(*puzzle.start, "s", color="tab:blue", ms=7)
+                ax.plot(*puzzle.goal, "*", color="tab:purple", ms=10)
+            else:
+                for d in puzzle.docks:
+                    ax.plot(*d, "x", color="tab:purple", ms=9, mew=2)
+                for b in puzzle.boxes:
+                    ax.add_patch(Rectangle((b[0] - 0.3, b[1] - 0.3), 0.6, 0.6, color="tab:brown"))
+                ax.plot(*puzzle.worker, "s", color="tab:blue", ms=7)
+            ax.set_xlim(-0.5, size - 0.5)
+            ax.set_ylim(-0.5, size - 0.5)
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
             status = "no plan" if not r or not r["plan"] else ("optimal" if r["optimal"] else
                                                                 ("correct" if r["correct"] else "invalid"))
             ax.set_title(f"{mode}: {status}" + (f", {r['trace_tokens']} trace tok" if r else ""), fontsize=7)
-    fig.suptitle("test mazes (unseen layouts); square start, star goal; green optimal, orange correct, red invalid",
-                 fontsize=8)
+    legend = ("square start, star goal" if traces.task == "maze" else
+              "square worker, brown boxes, crosses docks; the line is the worker's path")
+    fig.suptitle(f"test {traces.task} (unseen); {legend}; green optimal, orange correct, red invalid", fontsize=8)
     save_figure(fig, path)
 
 
@@ -103,7 +111,8 @@ class DualformerReport(L.Callback):
         write_rows(os.path.join(out, "responses.csv"), rows)
         trace_plot(os.path.join(out, "trace_vs_optimal.png"), summaries, f"{arm}: {summaries[0]['items']} test mazes")
         if self.render:
-            render_mazes(os.path.join(out, "mazes.png"), dm.test_set, rows, self.modes, self.render)
+            render_puzzles(os.path.join(out, "mazes.png" if dm.task == "maze" else "puzzles.png"), dm.test_set, rows,
+                           self.modes, self.render)
         self.summaries = summaries
         rank_zero_info(f"Dualformer report ({arm}, {summaries[0]['items']} unseen test mazes)\n"
                        + summary_table(summaries))

@@ -1,6 +1,6 @@
-"""The maze DataModule of the Dualformer recipes: A* traces written once to disk (``datamodules.maze_dataset``),
-memory-mapped, with Dualformer's structured trace dropping applied per example at batch time
-(``datamodules.trace_dropping``).
+"""The DataModule of the Dualformer recipes: maze or Sokoban A* traces (``task``) written once to disk
+(``datamodules.trace_dataset``), memory-mapped, with Dualformer's structured trace dropping applied per example at
+batch time (``datamodules.trace_dropping``).
 
 One flag picks the arm: ``mixture: dualformer`` (p = 0.45, 1/6, 1/6, 1/6, 0.05), ``full_trace`` (Searchformer,
 p0 = 1), ``solution_only`` (p4 = 1), or five probabilities ``[p0, p1, p2, p3, p4]``.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.maze_dataset import MazeDataConfig, MazeTraces, ensure_dataset
+from datamodules.trace_dataset import TraceDataConfig, TraceDataset, ensure_dataset
 from datamodules.sampling import ShuffleResumableSampler, shuffled_resumable
 from datamodules.trace_dropping import TraceDropper, example_rng, mixture
 
@@ -40,7 +40,7 @@ class DroppedTraces(Dataset):
     """``[epoch * n + i]`` -> item ``i`` of ``traces`` with its trace dropped by the draw of ``(seed, epoch, i)``:
     ``src`` and ``tgt`` ids, ``level``, ``index``, maze ``size`` and ``optimal_cells`` (A* plan length)."""
 
-    def __init__(self, traces: MazeTraces, dropper: TraceDropper, seed: int, fixed_epoch: Optional[int] = None):
+    def __init__(self, traces: TraceDataset, dropper: TraceDropper, seed: int, fixed_epoch: Optional[int] = None):
         self.traces, self.dropper, self.seed, self.fixed_epoch = traces, dropper, seed, fixed_epoch
         vocab = {w: i for i, w in enumerate(traces.vocabulary)}
         self.bos, self.eos = vocab["bos"], vocab["eos"]
@@ -77,16 +77,18 @@ class PadCollate:
         return out
 
 
-class DualformerMazeDataModule(L.LightningDataModule):
-    def __init__(self, sizes: Union[int, List[int]] = 5, n_train: int = 20000, n_test: int = 200,
-                 pairs_per_layout: int = 1, data_seed: int = 0, data_dir: Optional[str] = None,
+class DualformerDataModule(L.LightningDataModule):
+    def __init__(self, task: str = "maze", sizes: Union[int, List[int]] = 5, n_train: int = 20000, n_test: int = 200,
+                 pairs_per_layout: int = 1, data_seed: int = 0, data_dir: Optional[str] = None, walls: int = 2,
+                 boxes: int = 2, max_expansions: int = 20000, max_trace_tokens: int = 0, max_cost: int = 0,
                  mixture: Union[str, List[float]] = "dualformer", level3_variant: str = "paper",
                  create_drop: float = 0.3, batch_size: int = 32, val_batch_size: int = 64, val_items: int = 200,
                  processes: int = 2, num_workers: int = 0, seed: Optional[int] = None):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.config = MazeDataConfig(tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,), n_train,
-                                     n_test, pairs_per_layout, data_seed)
+        self.config = TraceDataConfig(task, tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,), n_train,
+                                      n_test, pairs_per_layout, data_seed, walls, boxes, max_expansions,
+                                      max_trace_tokens, max_cost)
         self.probs = _mixture(mixture)
         for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("processes", processes)):
             if not isinstance(v, int) or v < 1:
@@ -99,8 +101,12 @@ class DualformerMazeDataModule(L.LightningDataModule):
                                     frozenset(i for w, i in ids.items() if w[0] == "c" and w[1:].isdigit()),
                                     level3_variant, create_drop)
         self.folder: Optional[Path] = None
-        self.train_set: Optional[MazeTraces] = None
-        self.test_set: Optional[MazeTraces] = None
+        self.train_set: Optional[TraceDataset] = None
+        self.test_set: Optional[TraceDataset] = None
+
+    @property
+    def task(self) -> str:
+        return self.config.task
 
     @property
     def vocab_size(self) -> int:
@@ -117,7 +123,7 @@ class DualformerMazeDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.folder = ensure_dataset(self._root(), self.config, self.hparams.processes)
-            self.train_set, self.test_set = MazeTraces(self.folder, "train"), MazeTraces(self.folder, "test")
+            self.train_set, self.test_set = TraceDataset(self.folder, "train"), TraceDataset(self.folder, "test")
 
     @property
     def seed(self) -> int:

@@ -12,7 +12,7 @@ its errata 1, 2 and 7).
 * Tokens: prompt ``start x y goal x y`` then ``wall x y`` per wall in ascending cell index ``y * W + x``; trace one
   5-token clause per event, ``create x y cG cH`` / ``close x y cG cH``; plan ``plan x y`` per cell, start to goal.
 
-Plain Python on tuples: generation runs in worker processes (``datamodules.maze_dataset``).
+Plain Python on tuples: generation runs in worker processes (``datamodules.trace_dataset``).
 """
 from __future__ import annotations
 
@@ -123,6 +123,15 @@ def bfs_length(maze: Maze) -> Optional[int]:
                 dist[child] = dist[cell] + 1
                 queue.append(child)
     return None
+
+
+def check_plan(maze: Maze, plan: Optional[Sequence[Cell]], optimal_cells: int) -> Tuple[bool, bool]:
+    """``(correct, optimal)``."""
+    if not plan or plan[0] != maze.start or plan[-1] != maze.goal or len(set(plan)) != len(plan):
+        return False, False
+    if not all(maze.free(c) for c in plan) or any(manhattan(a, b) != 1 for a, b in zip(plan, plan[1:])):
+        return False, False
+    return True, len(plan) == optimal_cells
 
 
 # ------------------------------------------------------------------------------------------------------ tokens

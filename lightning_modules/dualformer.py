@@ -17,9 +17,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from datamodules.maze_astar import maze_vocabulary
+from datamodules.search_tasks import check_task, judge, puzzle_of, vocabulary
 from lightning_modules.layers.encoder_decoder import EncoderDecoder
-from lightning_modules.dualformer_eval import MODES, check_mode, check_plan, item_maze, parse_response
+from lightning_modules.dualformer_eval import MODES, check_mode, parse_response
 from lightning_modules.layers.generation import SamplingConfig, generate
 
 
@@ -34,13 +34,14 @@ class Dualformer(L.LightningModule):
     def __init__(self, max_size: int = 5, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                  positions: str = "rope", max_len: int = 1024, lr: float = 5e-4, betas: Sequence[float] = (0.9, 0.99),
                  weight_decay: float = 0.0, warmup_steps: int = 200, min_lr_ratio: float = 0.1,
-                 schedule: str = "cosine", max_new_tokens: int = 512, predict_mode: str = "auto"):
+                 schedule: str = "cosine", max_new_tokens: int = 512, predict_mode: str = "auto", task: str = "maze",
+                 max_cost: int = 0, boxes: int = 2):
         super().__init__()
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
         check_mode(predict_mode)
         self.save_hyperparameters()
-        self.vocabulary = maze_vocabulary(max_size)
+        self.vocabulary = vocabulary(check_task(task), max_size, max_cost, boxes)
         self.ids: Dict[str, int] = {w: i for i, w in enumerate(self.vocabulary)}
         self.pad_id, self.bos_id, self.eos_id = self.ids["pad"], self.ids["bos"], self.ids["eos"]
         self.model = EncoderDecoder(len(self.vocabulary), d_model, n_layers, n_heads, positions, max_len)
@@ -49,9 +50,10 @@ class Dualformer(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         vocab = getattr(dm, "vocabulary", None)
         if vocab is not None and list(vocab) != self.vocabulary:
-            raise ValueError(f"model.max_size={self.hparams.max_size} does not match the data's mazes (vocabulary of "
-                             f"{len(vocab)} tokens, {len(self.vocabulary)} here): set model.max_size to the largest "
-                             f"maze size in data.sizes")
+            hp = self.hparams
+            raise ValueError(f"model.max_size={hp.max_size} (task {hp.task!r}, max_cost {hp.max_cost}) does not match "
+                             f"the data (vocabulary of {len(vocab)} tokens, {len(self.vocabulary)} here): set "
+                             f"model.max_size to the largest size in data.sizes and the same task, max_cost, boxes")
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,8 @@ class Dualformer(L.LightningModule):
             words = self.decode_tokens(answer)
             prompt = [w for w in self.decode_tokens(src) if w not in ("bos", "eos", "pad")]
             parsed = parse_response(words)
-            correct, optimal = check_plan(item_maze(prompt, size), parsed.plan, best)
+            task = self.hparams.task
+            correct, optimal = judge(task, puzzle_of(task, prompt, size), parsed.plan, best)
             rows.append({"index": index, "mode": mode, "correct": int(correct), "optimal": int(optimal),
                          "trace_tokens": parsed.trace_len, "optimal_cells": best, "response": " ".join(words)})
         return rows

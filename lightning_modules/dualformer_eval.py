@@ -3,9 +3,10 @@ summarise per mode.
 
 * **Trace length**: the tokens before the first ``plan`` (``bos`` excluded, as the official ``trace_tokens``).
 * **Correct plan** (stricter than the official check, errata 6): the tokens from the first ``plan`` to the end are
-  well-formed ``plan x y`` triples, the first cell is the start and the last the goal, every cell lies inside the
-  grid and off the walls, consecutive cells are one step apart, and no cell is visited twice.  **Optimal**: correct
-  and as long as the A* plan.
+  well-formed ``plan x y`` triples, and (maze, ``datamodules.maze_astar.check_plan``) the first cell is the start and
+  the last the goal, every cell lies inside the grid and off the walls, consecutive cells are one step apart, and no
+  cell is visited twice; (Sokoban) replayed from the worker's cell, every step is legal and all boxes end on the
+  docks.  **Optimal**: correct and as long as the A* plan.
 * Per mode: greedy optimal / correct rates and mean trace and response lengths; with ``samples`` = k draws at
   temperature 1: 1-Solved-k, 1-Optimal-k (at least one of the k correct / optimal) and diversity (distinct optimal
   plans among the k, averaged over prompts); in auto mode the fraction of answers that start in slow mode.
@@ -13,12 +14,13 @@ summarise per mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from datamodules.maze_astar import Cell, Maze, manhattan, parse_prompt
+from datamodules.maze_astar import Cell, check_plan
+from datamodules.search_tasks import judge, puzzle_of
 
 MODES = {"slow": ("create",), "fast": ("plan",), "auto": ()}  # the decoder tokens forced after bos (spec 1.4)
 
@@ -37,6 +39,9 @@ class Response:
     starts_slow: bool
 
 
+__all__ = ["MODES", "check_mode", "parse_response", "check_plan", "item_puzzle", "evaluate", "summary_table"]
+
+
 def parse_response(words: Sequence[str]) -> Response:
     words = list(words)
     first = words.index("plan") if "plan" in words else len(words)
@@ -52,17 +57,10 @@ def parse_response(words: Sequence[str]) -> Response:
     return Response(first, len(words), plan, bool(words) and words[0] == "create")
 
 
-def check_plan(maze: Maze, plan: Optional[Sequence[Cell]], optimal_cells: int) -> Tuple[bool, bool]:
-    """``(correct, optimal)``."""
-    if not plan or plan[0] != maze.start or plan[-1] != maze.goal or len(set(plan)) != len(plan):
-        return False, False
-    if not all(maze.free(c) for c in plan) or any(manhattan(a, b) != 1 for a, b in zip(plan, plan[1:])):
-        return False, False
-    return True, len(plan) == optimal_cells
-
-
-def item_maze(words: Sequence[str], size: int) -> Maze:
-    return parse_prompt(words, size, size)
+def item_puzzle(traces, i: int):
+    """The maze or Sokoban puzzle of item ``i`` of a ``TraceDataset``-backed split."""
+    e = traces[i]
+    return puzzle_of(traces.task, [traces.vocabulary[t] for t in e["prompt"]], e["size"])
 
 
 @torch.no_grad()
@@ -74,15 +72,15 @@ def evaluate(model, traces, modes: Sequence[str] = ("fast", "slow", "auto"), ite
     was_training = model.training
     model.eval()
     n = min(items, len(traces))
-    vocab = traces.vocabulary
     examples = [traces[i] for i in range(n)]
-    mazes = [item_maze([vocab[t] for t in e["prompt"]], e["size"]) for e in examples]
+    task = traces.task
+    mazes = [item_puzzle(traces, i) for i in range(n)]
     optimal = [len(e["plan"]) // 3 for e in examples]
     summaries, rows = [], []
     for mode in modes:
         greedy = _decode(model, examples, mode, 1, 0.0, batch_size, max_new_tokens, seed)
         parsed = [parse_response(model.decode_tokens(r)) for r in greedy]
-        checks = [check_plan(mz, p.plan, o) for mz, p, o in zip(mazes, parsed, optimal)]
+        checks = [judge(task, mz, p.plan, o) for mz, p, o in zip(mazes, parsed, optimal)]
         for i, (p, (ok, opt)) in enumerate(zip(parsed, checks)):
             rows.append({"mode": mode, "item": i, "size": examples[i]["size"], "optimal_cells": optimal[i],
                          "correct": int(ok), "optimal": int(opt), "trace_tokens": p.trace_len,
@@ -99,7 +97,7 @@ def evaluate(model, traces, modes: Sequence[str] = ("fast", "slow", "auto"), ite
             solved, optimal_k, diversity, trace_k, slow_k = [], [], [], [], []
             for i in range(n):
                 group = [parse_response(model.decode_tokens(r)) for r in drawn[i * samples:(i + 1) * samples]]
-                ck = [check_plan(mazes[i], p.plan, optimal[i]) for p in group]
+                ck = [judge(task, mazes[i], p.plan, optimal[i]) for p in group]
                 solved.append(any(c[0] for c in ck))
                 optimal_k.append(any(c[1] for c in ck))
                 diversity.append(len({tuple(p.plan) for p, c in zip(group, ck) if c[1]}))

@@ -23,11 +23,11 @@ from scripts._report import interleaved_times, update_section  # noqa: E402
 
 
 def training(device: str, reps: int, batch_size: int = 32):
-    from datamodules.dualformer_data import DroppedTraces, DualformerMazeDataModule, PadCollate
+    from datamodules.dualformer_data import DroppedTraces, DualformerDataModule, PadCollate
     from lightning_modules.dualformer import Dualformer, sequence_mean_cross_entropy
 
     with tempfile.TemporaryDirectory() as tmp:
-        dm = DualformerMazeDataModule(sizes=5, n_train=batch_size * 4, n_test=4, data_dir=tmp, processes=1, seed=0)
+        dm = DualformerDataModule(sizes=5, n_train=batch_size * 4, n_test=4, data_dir=tmp, processes=1, seed=0)
         dm.setup()
         data = DroppedTraces(dm.train_set, dm.dropper, 0)
         batch = PadCollate(dm.pad_id)([data[i] for i in range(batch_size)])
@@ -78,13 +78,13 @@ def decoding(model, device: str, lengths, reps: int, batch: int = 32):
 
 
 def generation(sizes, count: int):
-    from datamodules.maze_dataset import MazeDataConfig, generate_split
+    from datamodules.trace_dataset import TraceDataConfig, generate_split
 
     rows = []
     for size in sizes:
         rates = {}
         for processes in (1, 2):
-            cfg = MazeDataConfig(sizes=(size,), n_train=count, n_test=0)
+            cfg = TraceDataConfig(sizes=(size,), n_train=count, n_test=0)
             start = time.perf_counter()
             generate_split(0, count, cfg, processes=processes)
             rates[processes] = count / (time.perf_counter() - start)

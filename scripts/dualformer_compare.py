@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from callbacks.run_files import save_figure  # noqa: E402
-from datamodules.maze_dataset import MazeDataConfig, ensure_dataset  # noqa: E402
+from datamodules.trace_dataset import TraceDataConfig, ensure_dataset  # noqa: E402
 from scripts._report import fit_run, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
@@ -164,7 +164,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dualformer_compare")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ensure_dataset(args.out / "data", MazeDataConfig(tuple(args.sizes), args.n_train, 200), processes=2)
+    ensure_dataset(args.out / "data", TraceDataConfig(sizes=tuple(args.sizes), n_train=args.n_train, n_test=200),
+                   processes=2)
     os.environ["OMP_NUM_THREADS"] = "1"
     tasks = [(arm, seed) for seed in args.seeds for arm in ARMS]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -7,7 +7,7 @@ import pytest
 
 from datamodules.maze_astar import (Maze, astar, bfs_length, layout_tasks, maze_vocabulary, parse_prompt,
                                     plan_tokens, prompt_tokens, random_walls, trace_tokens, wall_count_range)
-from datamodules.maze_dataset import MazeDataConfig, MazeTraces, ensure_dataset
+from datamodules.trace_dataset import TraceDataConfig, TraceDataset, ensure_dataset
 from datamodules.trace_dropping import TraceDropper, check_probabilities, draw_level, example_rng
 from lightning_modules.dualformer_eval import check_plan, parse_response
 
@@ -63,15 +63,15 @@ def test_generator_rules_and_prompt_round_trip():
 
 
 def test_dataset_is_deterministic_parallel_and_its_splits_disjoint(tmp_path):
-    cfg = MazeDataConfig(sizes=(5, 6), n_train=300, n_test=40, seed=3, pairs_per_layout=3)
+    cfg = TraceDataConfig(sizes=(5, 6), n_train=300, n_test=40, seed=3, pairs_per_layout=3)
     one = ensure_dataset(tmp_path / "a", cfg, processes=1)
     two = ensure_dataset(tmp_path / "b", cfg, processes=2)
     for split in ("train", "test"):
         for part in ("tokens", "index"):
             assert np.array_equal(np.load(one / f"{split}_{part}.npy"), np.load(two / f"{split}_{part}.npy"))
-    other = ensure_dataset(tmp_path / "c", MazeDataConfig(sizes=(5, 6), n_train=300, n_test=40, seed=4))
+    other = ensure_dataset(tmp_path / "c", TraceDataConfig(sizes=(5, 6), n_train=300, n_test=40, seed=4))
     assert not np.array_equal(np.load(one / "train_tokens.npy")[:200], np.load(other / "train_tokens.npy")[:200])
-    train, test = MazeTraces(one, "train"), MazeTraces(one, "test")
+    train, test = TraceDataset(one, "train"), TraceDataset(one, "test")
     assert len(train) == 300 and len(test) == 40
 
     def layouts(ds):
@@ -206,3 +206,22 @@ def test_sokoban_astar_is_optimal_against_bfs_and_its_plans_replay():
     p = random_sokoban(random.Random(0))
     corner = (1, 1)  # against the border in both directions: a deadlock unless on a dock
     assert heuristic(p, [corner]) == (0 if corner in p.docks else float("inf"))
+
+
+def test_sokoban_dataset_and_plan_judge(tmp_path):
+    from datamodules.search_tasks import judge, puzzle_of
+
+    cfg = TraceDataConfig(task="sokoban", sizes=(7,), n_train=12, n_test=4, max_trace_tokens=3000)
+    ds = TraceDataset(ensure_dataset(tmp_path, cfg), "train")
+    assert ds.task == "sokoban" and len(ds) == 12
+    for i in range(len(ds)):
+        e = ds[i]
+        words = [ds.vocabulary[t] for t in e["trace"]]
+        assert len(words) <= 3000 and words[:2] == ["create", "worker"]
+        puzzle = puzzle_of("sokoban", [ds.vocabulary[t] for t in e["prompt"]], e["size"])
+        plan = parse_response([ds.vocabulary[t] for t in e["plan"]]).plan
+        assert judge("sokoban", puzzle, plan, len(plan)) == (True, True)
+        assert judge("sokoban", puzzle, plan[:-1], len(plan)) == (False, False)  # one push short
+        assert judge("sokoban", puzzle, plan + plan[-2:][::-1][1:], len(plan))[1] is False  # longer: not optimal
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        TraceDataConfig(task="chess")

@@ -76,9 +76,9 @@ def test_sequence_mean_loss_against_a_hand_loop_in_float64():
 
 
 def _overfit_model(tmp_path, steps=60):
-    from datamodules.dualformer_data import DroppedTraces, DualformerMazeDataModule, PadCollate
+    from datamodules.dualformer_data import DroppedTraces, DualformerDataModule, PadCollate
 
-    dm = DualformerMazeDataModule(sizes=5, n_train=16, n_test=4, data_dir=str(tmp_path), mixture="full_trace",
+    dm = DualformerDataModule(sizes=5, n_train=16, n_test=4, data_dir=str(tmp_path), mixture="full_trace",
                                   processes=1, seed=0)
     dm.setup()
     batch = PadCollate(dm.pad_id)([DroppedTraces(dm.train_set, dm.dropper, 0)[i] for i in range(16)])
@@ -141,7 +141,7 @@ def test_recipe_report_and_resume_equals_uninterrupted(tmp_path):
     (["--data.init_args.mixture=[0.5,0.2,0.2,0.2,0.0]"], "must sum to 1, got [0.5, 0.2, 0.2, 0.2, 0.0]"),
     (["--data.init_args.mixture=dual"], "unknown trace mixture 'dual'"),
     (["--model.init_args.predict_mode=medium"], "unknown mode 'medium'"),
-    (["--model.init_args.max_size=7"], "model.max_size=7 does not match the data's mazes")])
+    (["--model.init_args.max_size=7"], "model.max_size=7 (task 'maze', max_cost 0) does not match the data")])
 def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
     assert _fit(tmp_path / "run", "--trainer.max_steps=1", *extra) == 2
     assert needle in one_line_error(capsys)

@@ -1,18 +1,19 @@
-"""Maze A* trace datasets, generated once in parallel processes and memory-mapped from disk (spec ``dualformer.md``
-section 3; the official code keeps them in MongoDB, files are enough).
+"""A* trace datasets of the Dualformer recipes (mazes and Sokoban, ``datamodules.search_tasks``), generated once in
+parallel processes and memory-mapped from disk (spec ``dualformer.md`` section 3; the official code keeps them in
+MongoDB, files are enough).
 
 Layout of a dataset folder::
 
     meta.json            the generation settings, the vocabulary and the split sizes
     train_tokens.npy     every example's prompt, full trace and plan ids, concatenated (int16)
-    train_index.npy      (n, 5) int64: offset, prompt length, trace length, plan length, maze size
+    train_index.npy      (n, 5) int64: offset, prompt length, trace length, plan length, grid size
     test_tokens.npy, test_index.npy
 
 Generation is a pure function of the settings: layout ``i`` of a split is drawn from its own
-``random.Random("maze:<split seed>:<i>")``, the test split from seed ``seed + 10**6`` and the train split from
+``random.Random("<task>:<split seed>:<i>")``, the test split from seed ``seed + 10**6`` and the train split from
 ``seed``; train layouts that also occur in the test split are skipped, so no layout is shared (the paper's unseen
-mazes), and duplicate (layout, start, goal) tasks are dropped.  The same settings give the same files whatever the
-number of processes.  A folder is written atomically (a temporary folder renamed into place) and reused when its
+mazes; whole puzzles for Sokoban), and duplicate examples are dropped.  The same settings give the same files
+whatever the number of processes.  A folder is written atomically (a temporary folder renamed into place) and reused when its
 ``meta.json`` matches.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from datamodules.maze_astar import MIN_SIZE, layout_tasks, maze_vocabulary, plan_tokens, prompt_tokens, trace_tokens
+from datamodules.maze_astar import MIN_SIZE
+from datamodules.search_tasks import check_task, layout_examples, vocabulary
 
 FORMAT_VERSION = 1
 TEST_SEED_OFFSET = 10 ** 6
@@ -38,25 +40,38 @@ LAYOUTS_PER_CHUNK = 64
 
 
 @dataclass(frozen=True)
-class MazeDataConfig:
+class TraceDataConfig:
+    """What a dataset folder holds.  ``pairs_per_layout`` (maze): (start, goal) draws per wall layout (the official
+    generator tries up to 100); ``walls`` / ``boxes`` / ``max_expansions`` / ``max_trace_tokens`` / ``max_cost``:
+    Sokoban (``max_cost`` 0: ``boxes * size^2``; ``max_trace_tokens`` 0: no cap)."""
+    task: str = "maze"
     sizes: Tuple[int, ...] = (5,)
     n_train: int = 20000
     n_test: int = 200
     pairs_per_layout: int = 1
     seed: int = 0
+    walls: int = 2
+    boxes: int = 2
+    max_expansions: int = 20000
+    max_trace_tokens: int = 0
+    max_cost: int = 0
 
     def __post_init__(self):
+        check_task(self.task)
         sizes = tuple(self.sizes) if isinstance(self.sizes, (list, tuple)) else (self.sizes,)
+        low = MIN_SIZE if self.task == "maze" else 5
         for s in sizes:
-            if not isinstance(s, int) or isinstance(s, bool) or s < MIN_SIZE:
-                raise ValueError(f"maze size must be an integer >= {MIN_SIZE}, got {s!r}")
+            if not isinstance(s, int) or isinstance(s, bool) or s < low:
+                raise ValueError(f"{self.task} size must be an integer >= {low}, got {s!r}")
         if not sizes:
-            raise ValueError("sizes must name at least one maze size")
+            raise ValueError("sizes must name at least one size")
         object.__setattr__(self, "sizes", sizes)
-        for name in ("n_train", "n_test", "pairs_per_layout"):
+        for name in ("n_train", "n_test", "pairs_per_layout", "walls", "boxes", "max_expansions",
+                     "max_trace_tokens", "max_cost"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name != "pairs_per_layout" else 1):
-                raise ValueError(f"{name} must be a non-negative integer (pairs_per_layout >= 1), got {v!r}")
+            low = 1 if name in ("pairs_per_layout", "boxes", "max_expansions") else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
 
     @property
     def max_size(self) -> int:
@@ -64,25 +79,29 @@ class MazeDataConfig:
 
     @property
     def vocabulary(self) -> List[str]:
-        return maze_vocabulary(self.max_size)
+        return vocabulary(self.task, self.max_size, self.max_cost, self.boxes)
+
+    def layout(self, rng: random.Random) -> list:
+        size = self.sizes[rng.randrange(len(self.sizes))]
+        return layout_examples(self.task, rng, size, self.pairs_per_layout, self.walls, self.boxes,
+                               self.max_expansions, self.max_trace_tokens, self.max_cost)
 
 
 def _chunk(args) -> List[tuple]:
-    """Tasks of layouts ``start .. stop-1`` of one split stream, as (layout, start, goal, size, ids...)."""
-    stream_seed, start, stop, sizes, pairs, max_size = args
-    ids = {w: i for i, w in enumerate(maze_vocabulary(max_size))}
+    """Examples of layouts ``start .. stop-1`` of one split stream: (split key, dedupe key, size, ids...)."""
+    stream_seed, start, stop, cfg = args
+    ids = {w: i for i, w in enumerate(cfg.vocabulary)}
     out = []
     for i in range(start, stop):
-        rng = random.Random(f"maze:{stream_seed}:{i}")
-        size = sizes[rng.randrange(len(sizes))]
-        for maze, result in layout_tasks(rng, size, pairs):
-            encode = lambda words: np.asarray([ids[w] for w in words], dtype=np.int16)  # noqa: E731
-            out.append((maze.layout(), maze.start, maze.goal, size, encode(prompt_tokens(maze)),
-                        encode(trace_tokens(result.events)), encode(plan_tokens(result.plan))))
+        rng = random.Random(f"{cfg.task}:{stream_seed}:{i}")
+        for key, dedupe, size, *words in cfg.layout(rng):
+            if any(w not in ids for seq in words for w in seq):
+                continue  # a cost beyond the vocabulary (Sokoban)
+            out.append((key, dedupe, size, *(np.asarray([ids[w] for w in seq], dtype=np.int16) for seq in words)))
     return out
 
 
-def generate_split(stream_seed: int, count: int, cfg: MazeDataConfig, exclude: frozenset = frozenset(),
+def generate_split(stream_seed: int, count: int, cfg: TraceDataConfig, exclude: frozenset = frozenset(),
                    processes: int = 1, desc: str = "mazes") -> List[tuple]:
     """``count`` tasks of one split, in layout order, none on a layout in ``exclude``."""
     tasks: List[tuple] = []
@@ -94,21 +113,19 @@ def generate_split(stream_seed: int, count: int, cfg: MazeDataConfig, exclude: f
             while len(tasks) < count:
                 jobs = []
                 for _ in range(max(1, processes) * 4):
-                    jobs.append((stream_seed, next_layout, next_layout + LAYOUTS_PER_CHUNK, cfg.sizes,
-                                 cfg.pairs_per_layout, cfg.max_size))
+                    jobs.append((stream_seed, next_layout, next_layout + LAYOUTS_PER_CHUNK, cfg))
                     next_layout += LAYOUTS_PER_CHUNK
                 results = pool.map(_chunk, jobs) if pool is not None else [_chunk(j) for j in jobs]
                 before = len(tasks)
                 for task in (t for chunk in results for t in chunk):
-                    key = task[:3]
-                    if task[0] in exclude or key in seen or len(tasks) >= count:
+                    if task[0] in exclude or task[1] in seen or len(tasks) >= count:
                         continue
-                    seen.add(key)
+                    seen.add(task[1])
                     tasks.append(task)
                 bar.update(len(tasks) - before)
                 if next_layout > 1000 * max(count, 1) + 10 * LAYOUTS_PER_CHUNK:
-                    raise ValueError(f"could not generate {count} distinct mazes of sizes {list(cfg.sizes)}: "
-                                     f"only {len(tasks)} exist; ask for fewer")
+                    raise ValueError(f"could not generate {count} distinct {cfg.task} examples of sizes "
+                                     f"{list(cfg.sizes)}: only {len(tasks)} found; ask for fewer")
     finally:
         if pool is not None:
             pool.close()
@@ -119,7 +136,7 @@ def generate_split(stream_seed: int, count: int, cfg: MazeDataConfig, exclude: f
 def _write_split(root: Path, split: str, tasks: Sequence[tuple]) -> None:
     index = np.zeros((len(tasks), 5), dtype=np.int64)
     pieces, offset = [], 0
-    for n, (_, _, _, size, prompt, trace, plan) in enumerate(tasks):
+    for n, (_, _, size, prompt, trace, plan) in enumerate(tasks):
         index[n] = (offset, len(prompt), len(trace), len(plan), size)
         pieces += [prompt, trace, plan]
         offset += len(prompt) + len(trace) + len(plan)
@@ -128,16 +145,20 @@ def _write_split(root: Path, split: str, tasks: Sequence[tuple]) -> None:
     np.save(root / f"{split}_index.npy", index)
 
 
-def _meta(cfg: MazeDataConfig, counts: Dict[str, int]) -> dict:
-    return {"format": FORMAT_VERSION, "task": "maze", "config": {**asdict(cfg), "sizes": list(cfg.sizes)},
+def _meta(cfg: TraceDataConfig, counts: Dict[str, int]) -> dict:
+    return {"format": FORMAT_VERSION, "task": cfg.task, "config": {**asdict(cfg), "sizes": list(cfg.sizes)},
             "vocabulary": cfg.vocabulary, "splits": counts}
 
 
-def ensure_dataset(root, cfg: MazeDataConfig, processes: int = 1) -> Path:
+def ensure_dataset(root, cfg: TraceDataConfig, processes: int = 1) -> Path:
     """The dataset folder for ``cfg`` under ``root``, generated and written first when missing."""
     root = Path(root)
-    folder = root / (f"maze_{'-'.join(map(str, cfg.sizes))}_n{cfg.n_train}-{cfg.n_test}_p{cfg.pairs_per_layout}"
-                     f"_s{cfg.seed}")
+    name = f"{cfg.task}_{'-'.join(map(str, cfg.sizes))}_n{cfg.n_train}-{cfg.n_test}_s{cfg.seed}"
+    if cfg.task == "maze":
+        name += f"_p{cfg.pairs_per_layout}"
+    else:
+        name += f"_w{cfg.walls}b{cfg.boxes}_t{cfg.max_trace_tokens}"
+    folder = root / name
     want = _meta(cfg, {"train": cfg.n_train, "test": cfg.n_test})
     if (folder / "meta.json").is_file():
         have = json.loads((folder / "meta.json").read_text())
@@ -145,9 +166,10 @@ def ensure_dataset(root, cfg: MazeDataConfig, processes: int = 1) -> Path:
             return folder
         raise ValueError(f"{folder} holds a different dataset (its meta.json does not match these settings); "
                          f"remove it or choose another data_dir")
-    test = generate_split(cfg.seed + TEST_SEED_OFFSET, cfg.n_test, cfg, processes=processes, desc="test mazes")
+    test = generate_split(cfg.seed + TEST_SEED_OFFSET, cfg.n_test, cfg, processes=processes,
+                          desc=f"test {cfg.task}")
     train = generate_split(cfg.seed, cfg.n_train, cfg, exclude=frozenset(t[0] for t in test), processes=processes,
-                           desc="train mazes")
+                           desc=f"train {cfg.task}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".maze-", dir=root))
     try:
@@ -162,9 +184,9 @@ def ensure_dataset(root, cfg: MazeDataConfig, processes: int = 1) -> Path:
     return folder
 
 
-class MazeTraces:
+class TraceDataset:
     """One split of a dataset folder, memory-mapped: ``[i]`` -> dict of ``prompt``, ``trace``, ``plan`` (int64
-    arrays of ids) and ``size``."""
+    arrays of ids) and ``size``; ``task`` and ``vocabulary`` from its ``meta.json``."""
 
     def __init__(self, folder, split: str):
         folder = Path(folder)
@@ -172,6 +194,7 @@ class MazeTraces:
         self.tokens = np.load(folder / f"{split}_tokens.npy", mmap_mode="r")
         self.index = np.load(folder / f"{split}_index.npy", mmap_mode="r")
         self.vocabulary: List[str] = self.meta["vocabulary"]
+        self.task: str = self.meta["task"]
 
     def __len__(self) -> int:
         return len(self.index)
