@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.trace_dataset import TraceDataConfig, TraceDataset, ensure_dataset
-from datamodules.sampling import ShuffleResumableSampler, shuffled_resumable
+from datamodules.sampling import ShuffleResumableSampler, eval_sampler, shuffled_resumable
 from datamodules.trace_dropping import TraceDropper, example_rng, mixture
 
 
@@ -142,14 +142,17 @@ class DualformerDataModule(L.LightningDataModule):
         hp = self.hparams
         data = DroppedTraces(self.test_set, self.dropper, self.seed + 1, fixed_epoch=0)
         data = torch.utils.data.Subset(data, range(min(hp.val_items, len(data))))
-        return DataLoader(data, batch_size=hp.val_batch_size, collate_fn=PadCollate(self.pad_id))
+        return DataLoader(data, batch_size=hp.val_batch_size, sampler=eval_sampler(data, self.trainer),
+                          collate_fn=PadCollate(self.pad_id))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The test mazes in order (the prompts; ``predict`` decodes them in the model's ``predict_mode``)."""
-        return self.val_dataloader()
+        """Every test puzzle in order (the prompts; ``predict`` decodes them in the model's ``predict_mode``)."""
+        data = DroppedTraces(self.test_set, self.dropper, self.seed + 1, fixed_epoch=0)
+        return DataLoader(data, batch_size=self.hparams.val_batch_size, sampler=eval_sampler(data, self.trainer),
+                          collate_fn=PadCollate(self.pad_id))
 
     def decode(self, ids: Sequence[int]) -> List[str]:
         return [self.vocabulary[int(i)] for i in ids]
