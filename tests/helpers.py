@@ -140,7 +140,8 @@ def recipe_data_args(recipe, tmp_path):
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
                 "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",
                 *(SHRINK_DUALFORMER if "d_model: 64" not in text else []),
-                *(["--data.init_args.max_trace_tokens=1500"] if "task: sokoban" in text else [])]
+                *(["--data.init_args.max_trace_tokens=1500", "--data.init_args.max_expansions=300"]
+                  if "task: sokoban" in text else [])]
     if "datamodules.replay_data.ReplayDataModule" in text and "atari: true" in text:  # a short warm-up, small replay
         return ["--data.init_args.warmup_steps=64", "--data.init_args.capacity=1000",
                 "--data.init_args.eval_max_steps=50"]
