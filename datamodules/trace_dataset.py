@@ -24,7 +24,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -107,12 +107,15 @@ def generate_split(stream_seed: int, count: int, cfg: TraceDataConfig, exclude: 
     tasks: List[tuple] = []
     seen = set()
     next_layout = 0
-    pool = get_context("spawn").Pool(processes) if processes > 1 else None
+    # fork where the platform has it (as DataLoader workers do): the workers run plain Python, and start in
+    # milliseconds instead of re-importing the caller's modules
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    pool = get_context(method).Pool(processes) if processes > 1 else None
     try:
         with tqdm(total=count, desc=desc, unit="maze", dynamic_ncols=True, leave=False) as bar:
             while len(tasks) < count:
                 jobs = []
-                for _ in range(max(1, processes) * 4):
+                for _ in range(max(1, processes) * 8):
                     jobs.append((stream_seed, next_layout, next_layout + LAYOUTS_PER_CHUNK, cfg))
                     next_layout += LAYOUTS_PER_CHUNK
                 results = pool.map(_chunk, jobs) if pool is not None else [_chunk(j) for j in jobs]
