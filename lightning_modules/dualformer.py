@@ -40,6 +40,13 @@ class Dualformer(L.LightningModule):
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
         check_mode(predict_mode)
+        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads),
+                            ("max_new_tokens", max_new_tokens), ("max_len", max_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if not lr > 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]; got lr={lr}, "
+                             f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}")
         self.save_hyperparameters()
         self.vocabulary = vocabulary(check_task(task), max_size, max_cost, boxes)
         self.ids: Dict[str, int] = {w: i for i, w in enumerate(self.vocabulary)}

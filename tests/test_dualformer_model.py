@@ -141,6 +141,7 @@ def test_recipe_report_and_resume_equals_uninterrupted(tmp_path):
     (["--data.init_args.mixture=[0.5,0.2,0.2,0.2,0.0]"], "must sum to 1, got [0.5, 0.2, 0.2, 0.2, 0.0]"),
     (["--data.init_args.mixture=dual"], "unknown trace mixture 'dual'"),
     (["--model.init_args.predict_mode=medium"], "unknown mode 'medium'"),
+    (["--model.init_args.n_layers=0"], "model.n_layers must be a positive integer, got 0"),
     (["--model.init_args.max_size=7"], "model.max_size=7 (task 'maze', max_cost 0) does not match the data")])
 def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
     assert _fit(tmp_path / "run", "--trainer.max_steps=1", *extra) == 2
