@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.run_files import save_figure  # noqa: E402
 from datamodules.trace_dataset import TraceDataConfig, ensure_dataset  # noqa: E402
-from scripts._report import fit_run, write_checked_section  # noqa: E402
+from scripts._report import fit_run, update_section, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 ARMS = {"dualformer": ("fast", "slow", "auto"), "full_trace": ("slow",), "solution_only": ("fast",)}
@@ -90,6 +90,9 @@ def _get(tab, arm, mode, key):
 
 
 def verdict(tab) -> Dict[str, bool]:
+    if {r["arm"] for r in tab} != set(ARMS):
+        return {}  # a subset of the arms: no claim to check
+
     def g(arm, mode, key):
         return _get(tab, arm, mode, key)
 
@@ -113,7 +116,9 @@ def write(tab, args, command: str) -> str:
             return "-"
         return f"{r[key]:{spec}} ± {r[key + '_sd']:{spec}}" if r["seeds"] > 1 else f"{r[key]:{spec}}"
 
-    lines = ["### Dualformer on small mazes: fast, slow and auto modes against the two baselines", "",
+    title = "fast, slow and auto modes against the two baselines" if len(args.arms) == 3 else \
+        " and ".join(LABEL[a] for a in args.arms)
+    lines = [f"### Dualformer on small mazes, {args.steps} steps: {title}", "",
              f"`{command}`: {', '.join(f'{s}x{s}' for s in args.sizes)} mazes, {args.n_train} training mazes, "
              f"{args.steps} steps of batch 32 per arm, the same encoder-decoder (d = 64, 2 + 2 layers); "
              f"{tab[0]['items']} test mazes with unseen wall layouts; mean ± sd over seeds {list(args.seeds)}. "
@@ -127,8 +132,13 @@ def write(tab, args, command: str) -> str:
                      f"{pm(r, 'mean_trace_tokens', '.1f')} | {pm(r, 'mean_response_tokens', '.1f')} | "
                      f"{pm(r, 'slow_fraction', '.2f') if r['mode'] == 'auto' else '-'} | {pm(r, f'optimal_{k}')} | "
                      f"{pm(r, f'solved_{k}')} | {pm(r, 'diversity', '.2f')} | {r['seconds'] / 60:.1f} |")
-    lines += ["", "![optimal rate against trace length, per arm and mode](dualformer_trace_vs_optimal.png)", ""]
-    return write_checked_section("dualformer", lines, verdict(tab), RESULTS)
+    lines += ["", f"![optimal rate against trace length, per arm and mode]({args.section}_trace_vs_optimal.png)", ""]
+    checks = verdict(tab)
+    if not checks:  # a subset of the arms
+        text = "\n".join(lines)
+        update_section(args.section, text, RESULTS)
+        return text
+    return write_checked_section(args.section, lines, checks, RESULTS)
 
 
 def plot(tab, path: Path) -> None:
@@ -160,18 +170,20 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--section", default="dualformer", help="docs/results.md section (and plot name) to write")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dualformer_compare")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(args.out / "data", TraceDataConfig(sizes=tuple(args.sizes), n_train=args.n_train, n_test=200),
                    processes=2)
     os.environ["OMP_NUM_THREADS"] = "1"
-    tasks = [(arm, seed) for seed in args.seeds for arm in ARMS]
+    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = [r for rs in pool.map(lambda t: run_one(t[0], t[1], args), tasks) for r in rs]
     tab = table(rows, args.samples)
-    plot(tab, ROOT / "docs" / "dualformer_trace_vs_optimal.png")
+    plot(tab, ROOT / "docs" / f"{args.section}_trace_vs_optimal.png")
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out")]
     command = " ".join(["python scripts/dualformer_compare.py", *argv])
     print(write(tab, args, command))
