@@ -5,7 +5,10 @@ on plans only and with Dualformer's trace dropping, 3 seeds, greedy answers on 2
 the full-trace model's, at an optimal rate at least as high within noise (two binomial standard errors); (c) its
 fast-mode answers are at most half as long as its slow-mode ones.  Runs the functions of
 scripts/dualformer_compare.py; ``DUALFORMER_COMPARE_OUT=runs/dualformer_compare`` checks the runs that script already
-finished instead of repeating them."""
+finished instead of repeating them.
+
+Measured (docs/results.md): (b) and (c) hold; (a) does not at this scale, and is marked as an expected failure,
+strict: if a change makes it hold, it fails as XPASS and the results must be updated."""
 import argparse
 import os
 from pathlib import Path
@@ -34,7 +37,10 @@ def verdict(tmp_path_factory):
     return verdict(tab)
 
 
-@pytest.mark.parametrize("claim", ["(a) Dualformer fast optimal > Solution-Only",
+@pytest.mark.parametrize("claim", [
+    pytest.param("(a) Dualformer fast optimal > Solution-Only", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="measured: at 2,000 steps Solution-Only's fast mode is ahead "
+        "(0.478 vs 0.258; 0.905 vs 0.720 at 5,000 steps, seed 0); see docs/results.md")),
                                    "(b) Dualformer slow trace < full trace",
                                    "(b) Dualformer slow optimal >= full trace - 2 se",
                                    "(c) fast answers <= half the slow ones"])
