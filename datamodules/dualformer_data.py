@@ -90,6 +90,11 @@ class DualformerDataModule(L.LightningDataModule):
                                       n_test, pairs_per_layout, data_seed, walls, boxes, max_expansions,
                                       max_trace_tokens, max_cost)
         self.probs = _mixture(mixture)
+        if data_dir is not None:
+            blocking = next((p for p in (Path(data_dir), *Path(data_dir).parents) if p.exists()), None)
+            if blocking is not None and not blocking.is_dir():
+                raise NotADirectoryError(f"data.data_dir={data_dir!r}: {str(blocking)!r} is a file; expected a "
+                                         f"folder (it is created when missing)")
         for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("processes", processes)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {v!r}")

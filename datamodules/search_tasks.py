@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import List, Optional, Sequence, Tuple
 
-from datamodules.maze_astar import Cell, Maze, check_plan, layout_tasks, maze_vocabulary, parse_prompt, plan_tokens
+from datamodules.maze_astar import Cell, check_plan, layout_tasks, maze_vocabulary, parse_prompt, plan_tokens
 from datamodules.maze_astar import prompt_tokens, trace_tokens
 from datamodules.sokoban_astar import (parse_sokoban, random_sokoban, replay, sokoban_astar, sokoban_prompt,
                                        sokoban_trace, sokoban_vocabulary)
@@ -75,6 +75,3 @@ def judge(task: str, puzzle, plan: Optional[Sequence[Cell]], optimal_cells: int)
     final = replay(puzzle, plan) if plan else None
     correct = final is not None and puzzle.solved(final)
     return correct, correct and len(plan) == optimal_cells
-
-
-__all__ = ["TASKS", "Maze", "check_task", "vocabulary", "layout_examples", "puzzle_of", "judge"]

@@ -92,7 +92,7 @@ def evaluate(model, traces, modes: Sequence[str] = ("fast", "slow", "auto"), ite
              "mean_response_tokens": float(np.mean([p.length for p in parsed])),
              "slow_fraction": float(np.mean([p.starts_slow for p in parsed]))}
         if samples:
-            drawn = _decode(model, examples, mode, samples, 1.0, max(1, batch_size // samples) or 1,
+            drawn = _decode(model, examples, mode, samples, 1.0, max(1, batch_size // samples),
                             max_new_tokens, seed)
             solved, optimal_k, diversity, trace_k, slow_k = [], [], [], [], []
             for i in range(n):

@@ -142,7 +142,10 @@ def test_recipe_report_and_resume_equals_uninterrupted(tmp_path):
     (["--data.init_args.mixture=dual"], "unknown trace mixture 'dual'"),
     (["--model.init_args.predict_mode=medium"], "unknown mode 'medium'"),
     (["--model.init_args.n_layers=0"], "model.n_layers must be a positive integer, got 0"),
+    (["--data.init_args.data_dir={tmp}/a_file/mazes"], "a_file' is a file; expected a folder"),
     (["--model.init_args.max_size=7"], "model.max_size=7 (task 'maze', max_cost 0) does not match the data")])
 def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    extra = [e.format(tmp=tmp_path) for e in extra]
     assert _fit(tmp_path / "run", "--trainer.max_steps=1", *extra) == 2
     assert needle in one_line_error(capsys)
