@@ -126,6 +126,18 @@ SHRINK_DUALFORMER = ["--model.init_args.d_model=32", "--model.init_args.n_layers
                      "--data.init_args.batch_size=2"]  # a GPU-sized Dualformer recipe, the same mazes, on CPU
 
 
+def tiny_prior(root, task):
+    """A ``DiffusionPrior`` checkpoint of ``task`` after two steps (what the alignment recipes start from)."""
+    out = Path(root) / f"prior_{task}"
+    if not (out / "checkpoints" / "last.ckpt").exists():
+        from recipes.cli import main
+
+        assert main(["fit", "--config", f"recipes/diffusion_prior_{task}.yaml", f"--trainer.default_root_dir={out}",
+                     f"--trainer.logger.init_args.save_dir={out}", "--trainer.max_steps=2",
+                     "--trainer.limit_val_batches=0", "--data.init_args.n_train=1024"]) == 0
+    return str(out)
+
+
 def recipe_data_args(recipe, tmp_path):
     """Arguments that make a shipped recipe run quickly on this machine with data the test writes: the embedded text
     is read in part; CIFAR / ImageFolder recipes get a generated tree and small batches / images."""
@@ -136,6 +148,12 @@ def recipe_data_args(recipe, tmp_path):
                 "--trainer.devices=1", "--trainer.strategy=auto"]
     if "datamodules.text.TextDataModule" in text:
         return list(SMALL_DATA)
+    if "datamodules.nabla_gfn_data" in text:  # few samples; alignment runs start from a two-step prior
+        small = ["--model.init_args.eval_samples=64", "--model.init_args.predict_batch=8"]
+        if "DiffusionDataModule" in text:
+            return [*small, "--data.init_args.n_train=1024"]
+        task = "digits" if "task: digits" in text else "ring"
+        return [*small, f"--model.init_args.prior_ckpt={tiny_prior(tmp_path, task)}", "--model.init_args.batch_size=8"]
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
                 "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",
