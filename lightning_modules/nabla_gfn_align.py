@@ -9,7 +9,8 @@ step with manual optimisation: sample ``batch_size`` trajectories without gradie
 
 Validation samples ``eval_samples`` from the policy with a fixed seed and logs the task's metrics (``val/...``,
 ``lightning_modules.nabla_gfn_rewards``); the pretrained model's samples, scored once at the start, are the
-reference (``ref/...``; the digits tier's feature Frechet distance is measured against them).  ``eval_history``
+reference (``ref/...``; the digits tier's feature Frechet distances are measured against ``reference_samples`` of
+them, default ``eval_samples``).  ``eval_history``
 keeps every evaluation for the report callback (``callbacks.nabla_gfn_report``).
 """
 from __future__ import annotations
@@ -52,7 +53,8 @@ class DiffusionAlignment(L.LightningModule):
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), clip: float = 1.0,
                  lora_rank: int = 0, lora_alpha: Optional[float] = None,
                  lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), eval_samples: int = 2000,
-                 eval_seed: int = 1234, predict_batch: int = 250, seed: Optional[int] = None):
+                 eval_seed: int = 1234, reference_samples: Optional[int] = None, predict_batch: int = 250,
+                 seed: Optional[int] = None):
         super().__init__()
         check_task(task)
         if beta < 0:
@@ -182,7 +184,8 @@ class DiffusionAlignment(L.LightningModule):
         if self.reference:
             return
         hp = self.hparams
-        x = self.sample(hp.eval_samples, torch.Generator().manual_seed(hp.eval_seed), prior=True)["x"]
+        n = hp.reference_samples or hp.eval_samples
+        x = self.sample(n, torch.Generator().manual_seed(hp.eval_seed), prior=True)["x"]
         if hp.task == "digits":
             clf = digits_classifier()[0].to(x.device)
             self.reference["features"] = feats = clf.features(x)
@@ -190,8 +193,8 @@ class DiffusionAlignment(L.LightningModule):
             if classes:
                 label = clf.head(feats).argmax(-1)
                 self.reference["class_features"] = feats[torch.isin(label, torch.tensor(classes, device=x.device))]
-        self.reference["metrics"] = self.metrics(x)
-        self.reference["samples"] = x.cpu()
+        self.reference["metrics"] = self.metrics(x[:hp.eval_samples])
+        self.reference["samples"] = x[:hp.eval_samples].cpu()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._reference()
