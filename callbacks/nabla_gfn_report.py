@@ -128,6 +128,11 @@ class NablaGFNReport(L.Callback):
         else:
             import torchvision
 
+            if pl_module.hparams.task == "sd":  # latents: decoded with the pipeline's VAE
+                vae, sf = pl_module.reward.vae, pl_module.reward.scaling
+                with torch.no_grad():
+                    x, ref = (None if v is None else vae.decode(v[:16].to(pl_module.device).float() / sf).sample.cpu()
+                              for v in (x, ref))
             grids = [torchvision.utils.make_grid(v[:64].clamp(-1, 1), nrow=8, normalize=True, value_range=(-1, 1),
                                                  pad_value=1.0) for v in ([ref] if ref is not None else []) + [x]]
             fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.2), squeeze=False)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datamodules.sampling import ResumableSampler, resume_position, shuffled_resumable, world_of
 
-TASKS = ("ring", "digits")
+TASKS = ("ring", "digits", "sd")  # sd: a diffusers pipeline folder (lightning_modules.nabla_gfn_sd), no data here
 RING_MODES, RING_RADIUS, RING_STD = 8, 3.0, 0.25
 
 
@@ -34,7 +34,9 @@ def check_task(task: str) -> str:
 
 
 def sample_shape(task: str) -> Tuple[int, ...]:
-    return (2,) if check_task(task) == "ring" else (1, 8, 8)
+    if check_task(task) == "sd":
+        raise ValueError("task 'sd' takes its latent shape from the model folder; it has no generated data")
+    return (2,) if task == "ring" else (1, 8, 8)
 
 
 def ring_modes(n: int = RING_MODES, radius: float = RING_RADIUS) -> torch.Tensor:
@@ -70,7 +72,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, task: str = "ring", n_train: int = 100_000, batch_size: int = 512, data_seed: int = 0,
                  seed: Optional[int] = None, predict_batches: int = 4):
         super().__init__()
-        check_task(task)
+        sample_shape(task)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if n_train < 1:

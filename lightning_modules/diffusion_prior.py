@@ -27,9 +27,13 @@ RING_SCHEDULE = {"num_train_timesteps": 50, "beta_start": 1e-4, "beta_end": 0.2,
                  "steps_offset": 1}
 
 
-def build_chain(scheduler: str, schedule: Dict[str, Any], num_steps: int, eta: float) -> GaussianChain:
-    """The sampling chain: ``scheduler`` (ddpm | ddim) with ``schedule`` (diffusers' arguments).  DDIM keeps the last
-    level below one (``set_alpha_to_one=False``, as Stable Diffusion's scheduler does)."""
+def build_chain(scheduler: str, schedule: Dict[str, Any], num_steps: int, eta: float,
+                folder: Optional[str] = None) -> GaussianChain:
+    """The sampling chain: ``scheduler`` (ddpm | ddim) with ``schedule`` (diffusers' arguments), or the one saved in
+    the model ``folder``.  DDIM keeps the last level below one (``set_alpha_to_one=False``, as Stable Diffusion's
+    scheduler does)."""
+    if folder is not None:
+        return GaussianChain(make_scheduler(scheduler, folder=folder), num_steps, eta)
     extra = {"set_alpha_to_one": False} if scheduler == "ddim" else {}
     return GaussianChain(make_scheduler(scheduler, **{**extra, **dict(schedule)}), num_steps, eta)
 
@@ -42,7 +46,9 @@ class DiffusionPrior(L.LightningModule):
                  eta: float = 1.0, lr: float = 2e-3, min_lr_ratio: float = 0.0, eval_samples: int = 2000,
                  eval_seed: int = 1234, predict_batch: int = 250):
         super().__init__()
-        check_task(task)
+        if check_task(task) == "sd":
+            raise ValueError("DiffusionPrior trains the ring or digits prior; task 'sd' aligns a pretrained pipeline "
+                             "folder (model.init_args.prior_ckpt of an alignment recipe)")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters()
@@ -126,4 +132,5 @@ def load_prior(path: str, task: str):
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"prior checkpoint {path} does not fit its network spec {net_spec}: {first}") from None
-    return net.eval().requires_grad_(False), {**hp, "net": net_spec, "schedule": schedule}
+    return net.eval().requires_grad_(False), {**hp, "net": net_spec, "schedule": schedule,
+                                              "shape": list(sample_shape(task))}

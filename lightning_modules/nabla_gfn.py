@@ -100,7 +100,8 @@ def nabla_db_losses(chain: GaussianChain, policy: nn.Module, prior: nn.Module, f
         x0_next = torch.where(tmask.bool(), xn, x0_next)  # the terminal state: the reward at the sample itself
         rg_next, = torch.autograd.grad(reward(x0_next).sum(), xn)
 
-    s_fwd = (mu_theta - x_prev) / var - kappa * (mu_prior.detach() - x_prev) / var
+    # (mu_theta - x) / var - kappa (mu_prior - x) / var, written without cancelling two large scores
+    s_fwd = (mu_theta - kappa * mu_prior.detach() - (1 - kappa) * x_prev) / var
     flow_next = beta * g_next * rg_next
     flow_cur = beta * g_cur * rg_cur
     g_term = x_t.new_zeros(())
@@ -124,7 +125,7 @@ class NablaGFN(DiffusionAlignment):
     def __init__(self, *args, timestep_fraction: float = 0.1, reverse_scale: float = 1.0, reg_scale: float = 1e3,
                  gamma: str = "squared", kappa: float = 1.0, weighting: str = "none", no_flow: bool = False,
                  flow_net: Optional[Dict[str, Any]] = None, flow_lr: float = 1e-3, flow_weight_decay: float = 1e-2,
-                 sample_lag: int = 0, **kwargs):
+                 sample_lag: int = 0, micro_batch: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if gamma not in GAMMAS:
             raise ValueError(f"model.gamma {gamma!r} is not one of {', '.join(GAMMAS)}")
@@ -135,6 +136,8 @@ class NablaGFN(DiffusionAlignment):
         if sample_lag not in (0, 1):
             raise ValueError(f"model.sample_lag must be 0 (on-policy) or 1 (the official one-iteration lag), "
                              f"got {sample_lag}")
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"model.micro_batch must be >= 1 transitions (or null: all at once), got {micro_batch}")
         if not 0 < kappa <= 1:
             raise ValueError(f"model.kappa (the prior strength) must be in (0, 1], got {kappa}")
         zero = self.chain.zero_noise_steps()
@@ -168,15 +171,29 @@ class NablaGFN(DiffusionAlignment):
         steps = subsample_steps(K, hp.batch_size, hp.timestep_fraction, g).to(states.device)
         rows = torch.arange(hp.batch_size, device=states.device)[:, None].expand_as(steps).reshape(-1)
         k = steps.reshape(-1)
-        parts = nabla_db_losses(self.chain, self.policy, self.prior, self.flow, self.reward, states[k, rows],
-                                states[k + 1, rows], eps_old[k, rows], k, hp.beta, hp.gamma, hp.kappa, hp.weighting)
-        loss = parts["fwd"] + hp.reg_scale * parts["reg"]
-        if self.flow is not None:
-            loss = loss + hp.reverse_scale * parts["rev"] + parts["terminal"]
+        chunk = hp.micro_batch or len(k)
+        sums = {key: states.new_zeros(()) for key in ("loss", "fwd", "rev", "terminal", "reg")}
+        for lo in range(0, len(k), chunk):  # micro-batches of transitions, back-propagated one by one (memory)
+            sl = slice(lo, lo + chunk)
+            r, kk = rows[sl], k[sl]
+            self.use_prompts(batch["prompts"][r.cpu()] if "prompts" in batch else None)  # each row's prompt (sd)
+            parts = nabla_db_losses(self.chain, self.policy, self.prior, self.flow, self.reward, states[kk, r],
+                                    states[kk + 1, r], eps_old[kk, r], kk, hp.beta, hp.gamma, hp.kappa, hp.weighting)
+            n_term = (kk == K - 1).sum()
+            # the chunk's share of the means over all rows (the terminal term: of all terminal rows)
+            share, t_share = len(kk) / len(k), n_term / max(1, int((k == K - 1).sum()))
+            loss = share * (parts["fwd"] + hp.reg_scale * parts["reg"])
+            if self.flow is not None:
+                loss = loss + share * hp.reverse_scale * parts["rev"] + t_share * parts["terminal"]
+            if chunk < len(k):
+                self.manual_backward(loss) if self._trainer is not None else loss.backward()
+            sums["loss"] = sums["loss"] + (loss.detach() if chunk < len(k) else loss)
+            for key in ("fwd", "rev", "reg"):
+                sums[key] = sums[key] + share * parts[key].detach()
+            sums["terminal"] = sums["terminal"] + t_share * parts["terminal"].detach()
         with torch.no_grad():
             reward = self.reward(fresh["x"]).mean()
-        return {"loss": loss, "fwd": parts["fwd"].detach(), "rev": parts["rev"].detach(),
-                "terminal": parts["terminal"].detach(), "reg": parts["reg"].detach(), "reward": reward}
+        return {**sums, "reward": reward, "accumulated": chunk < len(k)}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

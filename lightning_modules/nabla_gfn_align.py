@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from torch import nn
 
-from datamodules.nabla_gfn_data import check_task, sample_shape
+from datamodules.nabla_gfn_data import check_task
 from lightning_modules.diffusion_prior import build_chain, load_prior
 from lightning_modules.nabla_gfn_rewards import (ClassifierReward, FolderReward, RingReward, digits_classifier,
                                                  image_metrics, ring_metrics, ring_target,
@@ -54,7 +54,8 @@ class DiffusionAlignment(L.LightningModule):
                  lora_rank: int = 0, lora_alpha: Optional[float] = None,
                  lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), eval_samples: int = 2000,
                  eval_seed: int = 1234, reference_samples: Optional[int] = None, predict_batch: int = 250,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, prompts: Union[List[str], str, None] = None,
+                 guidance_scale: float = 5.0):
         super().__init__()
         check_task(task)
         if beta < 0:
@@ -67,13 +68,24 @@ class DiffusionAlignment(L.LightningModule):
             raise ValueError(f"model.lora_rank must be >= 0 (0: train the full copy), got {lora_rank}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.shape = sample_shape(task)
-        prior, prior_hp = load_prior(prior_ckpt, task)
+        self.conditioning, self.prompts = None, None
+        if task == "sd":  # a diffusers pipeline folder: text-conditioned latent diffusion, a decoded-image reward
+            from lightning_modules.nabla_gfn_sd import DecodedReward, load_pipeline
+
+            if not reward or reward.get("kind") != "folder":
+                raise ValueError("task 'sd' needs model.init_args.reward {kind: folder, path: ...} (a reward model "
+                                 "scored on the decoded images)")
+            prior, prior_hp, vae, self.conditioning, self.prompts = load_pipeline(prior_ckpt, prompts, guidance_scale)
+            self.chain = build_chain(scheduler or "ddim", {}, num_steps or 50, eta, folder=prior_ckpt)
+            self.reward = DecodedReward(vae, make_reward(task, reward)).requires_grad_(False)
+        else:
+            prior, prior_hp = load_prior(prior_ckpt, task)
+            self.chain = build_chain(scheduler or prior_hp.get("scheduler", "ddim"), prior_hp["schedule"],
+                                     num_steps or int(prior_hp.get("num_steps", 49)), eta)
+            self.reward = make_reward(task, reward).requires_grad_(False)
+        self.shape = tuple(prior_hp["shape"])
         self.prior, self.prior_hparams = prior, prior_hp
-        self.chain = build_chain(scheduler or prior_hp.get("scheduler", "ddim"), prior_hp["schedule"],
-                                 num_steps or int(prior_hp.get("num_steps", 49)), eta)
         self.policy = self._make_policy(prior)
-        self.reward = make_reward(task, reward).requires_grad_(False)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
         self.eval_history: List[Dict[str, float]] = []
         self.last_samples: Optional[torch.Tensor] = None
@@ -113,12 +125,28 @@ class DiffusionAlignment(L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, prior: bool = False, keep: bool = False,
                stop: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """``n`` trajectories; with prompts (task ``sd``) each row draws one first (``prompts`` in the output), and
+        the networks' next calls use them (``use_prompts`` changes that)."""
         fn = self.eps_prior if prior else self.eps_policy
-        return self.chain.sample(fn, (n, *self.shape), generator=generator, keep=keep, stop=stop)
+        index = None
+        if self.conditioning is not None:
+            index = torch.randint(len(self.prompts), (n,), generator=generator)
+            self.use_prompts(index)
+        dtype = next(self.prior.parameters()).dtype
+        start = torch.randn((n, *self.shape), generator=generator).to(self.chain.timesteps.device, dtype)
+        out = self.chain.sample(fn, (n, *self.shape), generator=generator, keep=keep, stop=stop, start=start)
+        if index is not None:
+            out["prompts"] = index
+        return out
+
+    def use_prompts(self, index: Optional[torch.Tensor]) -> None:
+        if self.conditioning is not None and index is not None:
+            self.conditioning.use(index)
 
     # ---- the loop -----------------------------------------------------------------------------------------------------
     def alignment_loss(self) -> Dict[str, torch.Tensor]:
-        """The method's loss for one iteration (key ``loss``) and what to log beside it."""
+        """The method's loss for one iteration (key ``loss``) and what to log beside it; ``accumulated: True`` when
+        it has already back-propagated (``self.manual_backward``) itself."""
         raise NotImplementedError
 
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -130,9 +158,10 @@ class DiffusionAlignment(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
-        out = self.alignment_loss()
         opt.zero_grad()
-        self.manual_backward(out["loss"])
+        out = self.alignment_loss()
+        if not out.pop("accumulated", False):  # a method that back-propagates in micro-batches has done it
+            self.manual_backward(out["loss"])
         for group in opt.optimizer.param_groups:  # clipped separately per group, as the official code does
             if self.hparams.clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], self.hparams.clip)
@@ -145,6 +174,10 @@ class DiffusionAlignment(L.LightningModule):
     # ---- evaluation ---------------------------------------------------------------------------------------------------
     def metrics(self, x: torch.Tensor) -> Dict[str, float]:
         hp = self.hparams
+        if hp.task == "sd":
+            from lightning_modules.nabla_gfn_sd import latent_metrics
+
+            return latent_metrics(x, self.reward)
         if hp.task == "ring":
             return ring_metrics(x, self.reward, self.target_weights())
         clf = digits_classifier()[0].to(x.device)
@@ -212,8 +245,13 @@ class DiffusionAlignment(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> list:
         """``predict_batch`` samples of the policy per item, seeded by ``eval_seed`` and the item."""
         i, n = int(batch[0]), self.hparams.predict_batch
-        x = self.sample(n, torch.Generator().manual_seed(self.hparams.eval_seed + 1 + i))["x"]
-        return sample_records(x, self.reward, i * n)
+        out = self.sample(n, torch.Generator().manual_seed(self.hparams.eval_seed + 1 + i))
+        if "prompts" in out:  # latents: the prompt and the reward of each (decode them with the pipeline's VAE)
+            with torch.no_grad():
+                log_r = self.reward(out["x"]).cpu().tolist()
+            return [{"index": i * n + j, "prompt": self.prompts[int(p)], "log_r": f"{r:.5f}"}
+                    for j, (p, r) in enumerate(zip(out["prompts"].tolist(), log_r))]
+        return sample_records(out["x"], self.reward, i * n)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["eval_history"] = list(self.eval_history)

@@ -152,6 +152,14 @@ def recipe_data_args(recipe, tmp_path):
         small = ["--model.init_args.eval_samples=64", "--model.init_args.predict_batch=8"]
         if "DiffusionDataModule" in text:
             return [*small, "--data.init_args.n_train=1024"]
+        if "task: sd" in text:  # a tiny pipeline folder and reward, CPU
+            pipe, reward = write_tiny_sd(tmp_path)
+            return [*small, f"--model.init_args.prior_ckpt={pipe}", f"--model.init_args.reward={{kind: folder, "
+                    f"path: {reward}}}", "--model.init_args.num_steps=4", "--model.init_args.batch_size=2",
+                    "--model.init_args.micro_batch=3", "--model.init_args.eval_samples=4",
+                    "--model.init_args.predict_batch=2", "--model.init_args.flow_net={kind: unet, block_out_channels: "
+                    "[8, 16], attention: false, norm_num_groups: 4}", "--trainer.accelerator=cpu",
+                    "--trainer.precision=32-true"]
         task = "digits" if "task: digits" in text else "ring"
         return [*small, f"--model.init_args.prior_ckpt={tiny_prior(tmp_path, task)}", "--model.init_args.batch_size=8"]
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
@@ -388,3 +396,42 @@ def wandb_run_summary(path, timeout: float = 60.0) -> dict:
         if out["exit_code"] is not None or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
+
+
+def write_tiny_sd(root):
+    """A tiny Stable-Diffusion-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler; random weights,
+    a 12-token vocabulary) and a TorchScript reward model on its decoded images; returns ``(pipeline, reward)``."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    pipe, reward = root / "tiny_sd", root / "tiny_reward"
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         attention_head_dim=2, norm_num_groups=4).save_pretrained(pipe / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
+                  sample_size=8).save_pretrained(pipe / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=12, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, bos_token_id=0,
+                                 pad_token_id=1)).save_pretrained(pipe / "text_encoder")
+    tok = pipe / "tokenizer"
+    tok.mkdir(parents=True)
+    vocab = ["<|startoftext|>", "<|endoftext|>", "c", "a", "t</w>", "d", "o", "g</w>", "x", "y", "z", "!"]
+    (tok / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"), model_max_length=16).save_pretrained(tok)
+    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(pipe / "scheduler")
+    reward.mkdir()
+
+    class Brightness(torch.nn.Module):
+        def forward(self, x):
+            return -((x.mean(dim=(1, 2, 3)) - 0.5) ** 2) * 10
+
+    torch.jit.script(Brightness()).save(str(reward / "reward.pt"))
+    return str(pipe), str(reward)
