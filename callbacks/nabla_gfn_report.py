@@ -1,7 +1,7 @@
 """What a reader of the Nabla-GFlowNet paper looks at, written in the run folder after every validation (rank 0):
 
-* ``alignment_metrics.csv``: one row per evaluation (step, reward, and the task's diversity and prior-preservation metrics),
-  the pretrained model first (step ``pretrained``) and, for the ring, the exact target ``p_prior r^beta``
+* ``alignment_metrics.csv``: one row per evaluation (step, reward, and the task's diversity and prior-preservation
+  metrics), the pretrained model first (step ``pretrained``) and, for the ring, the exact target ``p_prior r^beta``
   (``target``, its reward and mode metrics from 20,000 exact samples);
 * ``reward_vs_diversity.png``: reward against diversity (ring: mode entropy and on-support rate; digits: mean
   pairwise feature distance and feature Frechet distance to the prior's samples) over training, the paper's
@@ -78,7 +78,8 @@ class NablaGFNReport(L.Callback):
         import matplotlib.pyplot as plt
 
         pairs = [("mode_entropy", "mode entropy"), ("on_support", "on-support rate")] if task == "ring" else \
-            [("pair_dist", "mean pairwise feature distance"), ("fd_class", "feature Frechet distance to the prior's class")]
+            [("pair_dist", "mean pairwise feature distance"),
+             ("fd_class", "feature Frechet distance to the prior's class")]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         runs = [r for r in rows if isinstance(r["step"], int)]
         for ax, (key, label) in zip(axes, pairs):

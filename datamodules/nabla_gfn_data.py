@@ -8,8 +8,9 @@ Tasks, by name:
 
 ``DiffusionDataModule`` serves a task's training samples to the prior (``lightning_modules.diffusion_prior``), in an
 order that is a pure function of ``(seed, epoch)`` and restarts from the restored step (``datamodules.sampling``).
-Both serve ``predict_batches`` items to ``predict`` (a batch of samples each).  ``AlignmentDataModule`` serves the alignment runs, whose samples come from the model itself: item ``i`` is the
-iteration index ``i``, and a resumed run restarts from its step.
+``AlignmentDataModule`` serves the alignment runs, whose samples come from the model itself: item ``i`` is the
+iteration index ``i``, and a resumed run restarts from its step.  Both serve ``predict_batches`` items to
+``predict`` (a batch of samples each).
 """
 from __future__ import annotations
 

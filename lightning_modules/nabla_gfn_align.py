@@ -91,7 +91,7 @@ class DiffusionAlignment(L.LightningModule):
         self.last_samples: Optional[torch.Tensor] = None
         self.reference: Dict[str, Any] = {}
 
-    # ---- networks -----------------------------------------------------------------------------------------------------
+    # ---- networks ----------------------------------------------------------------------------------------------------
     def _make_policy(self, prior: nn.Module) -> nn.Module:
         policy = copy.deepcopy(prior).requires_grad_(True).train()
         hp = self.hparams
@@ -117,7 +117,7 @@ class DiffusionAlignment(L.LightningModule):
     def eps_prior(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.prior(x, t)
 
-    # ---- sampling -----------------------------------------------------------------------------------------------------
+    # ---- sampling ----------------------------------------------------------------------------------------------------
     def generator(self, salt: int = 0) -> torch.Generator:
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.global_step) * 101 + rank) * 7 + salt)
@@ -143,7 +143,7 @@ class DiffusionAlignment(L.LightningModule):
         if self.conditioning is not None and index is not None:
             self.conditioning.use(index)
 
-    # ---- the loop -----------------------------------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------------------------------
     def alignment_loss(self) -> Dict[str, torch.Tensor]:
         """The method's loss for one iteration (key ``loss``) and what to log beside it; ``accumulated: True`` when
         it has already back-propagated (``self.manual_backward``) itself."""
@@ -171,7 +171,7 @@ class DiffusionAlignment(L.LightningModule):
             self.log(f"train/{key}", value.detach(), prog_bar=key in ("loss", "reward"))
         return out["loss"].detach()
 
-    # ---- evaluation ---------------------------------------------------------------------------------------------------
+    # ---- evaluation --------------------------------------------------------------------------------------------------
     def metrics(self, x: torch.Tensor) -> Dict[str, float]:
         hp = self.hparams
         if hp.task == "sd":

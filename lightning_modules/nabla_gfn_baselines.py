@@ -7,6 +7,10 @@ directly, with no prior term, which is why they collapse onto the reward's mode.
 * ``ReFL`` (Xu et al. 2023): run the chain without gradients to a random state whose timestep lies in
   ``[timestep_range[0], timestep_range[1])``, predict the clean sample in one step with gradients; loss
   ``-beta mean log r(x0_hat)``.
+* ``DDPO`` (Black et al. 2024, the option the issue names; gradient-free in the reward): PPO-clip on the Gaussian
+  log-probabilities of the sampled transitions, ``ratio = p_theta(x_prev | x_t) / p_old``, with the batch-standardised
+  rewards as advantages (clipped to ``adv_clip``), ``timestep_fraction`` of each trajectory's steps per update.  With
+  one update per batch of trajectories the ratio is 1 and the gradient is REINFORCE's (tested).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Dict, Sequence
 
 import torch
 
+from lightning_modules.nabla_gfn import subsample_steps
 from lightning_modules.nabla_gfn_align import DiffusionAlignment
 
 
@@ -56,3 +61,39 @@ class ReFL(DiffusionAlignment):
         x0 = chain.x0_hat(x, self.eps_policy(x, chain.timesteps[jj]), jj)
         log_r = self.reward(x0)
         return {"loss": -hp.beta * log_r.mean(), "reward": log_r.mean().detach()}
+
+
+class DDPO(DiffusionAlignment):
+    def __init__(self, *args, clip_range: float = 1e-4, adv_clip: float = 5.0, timestep_fraction: float = 1.0,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if clip_range <= 0 or adv_clip <= 0 or not 0 <= timestep_fraction <= 1:
+            raise ValueError(f"DDPO needs clip_range > 0, adv_clip > 0 and timestep_fraction in [0, 1]; got "
+                             f"{clip_range}, {adv_clip}, {timestep_fraction}")
+        self.save_hyperparameters()
+
+    def alignment_loss(self) -> Dict[str, torch.Tensor]:
+        hp, chain = self.hparams, self.chain
+        g = self.generator()
+        out = self.sample(hp.batch_size, g, keep=True)
+        with torch.no_grad():
+            log_r = self.reward(out["x"])
+            adv = ((log_r - log_r.mean()) / (log_r.std() + 1e-8)).clamp(-hp.adv_clip, hp.adv_clip)
+        if hp.timestep_fraction >= 1:
+            steps = torch.arange(chain.num_steps).expand(hp.batch_size, -1)
+        else:
+            steps = subsample_steps(chain.num_steps, hp.batch_size, hp.timestep_fraction, g)
+        rows = torch.arange(hp.batch_size)[:, None].expand_as(steps).reshape(-1).to(out["x"].device)
+        k = steps.reshape(-1).to(out["x"].device)
+        keep = chain.var[k] > 0  # a deterministic step has no density
+        rows, k = rows[keep], k[keep]
+        self.use_prompts(out["prompts"][rows.cpu()] if "prompts" in out else None)
+        x_t, x_prev, eps_old = out["states"][k, rows], out["states"][k + 1, rows], out["eps"][k, rows]
+        var = chain.var[k].to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        mu_new = chain.mean(x_t, self.eps_policy(x_t, chain.timesteps[k]), k)
+        mu_old = chain.mean(x_t, eps_old, k)
+        log_ratio = (((x_prev - mu_old) ** 2 - (x_prev - mu_new) ** 2) / (2 * var)).flatten(1).sum(-1)
+        ratio = log_ratio.exp()
+        a = adv[rows]
+        loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - hp.clip_range, 1 + hp.clip_range)).mean()
+        return {"loss": loss, "reward": log_r.mean()}

@@ -26,7 +26,7 @@ from torch import nn
 from datamodules.nabla_gfn_data import RING_STD, digits, ring_modes
 
 
-# ---- the 2-D tier -----------------------------------------------------------------------------------------------------
+# ---- the 2-D tier ----------------------------------------------------------------------------------------------------
 class RingReward(nn.Module):
     def __init__(self, center: Sequence[float] = (4.0, 0.0), rho: float = 2.0):
         super().__init__()
@@ -75,7 +75,7 @@ def ring_metrics(x: torch.Tensor, reward: nn.Module, target_weights: torch.Tenso
     return out
 
 
-# ---- the digits tier --------------------------------------------------------------------------------------------------
+# ---- the digits tier -------------------------------------------------------------------------------------------------
 class DigitsClassifier(nn.Module):
     """A small CNN with smooth activations (its input gradients steer the samples): ``features`` are the 64 units
     before the last layer."""

@@ -109,8 +109,8 @@ def main(argv=None) -> None:
         ms = models(tier, prior, args.batch)
         fns = {name: iteration(m, m.configure_optimizers()) for name, m in ms.items()}
         t = interleaved_times(fns, args.reps)
-        lines += [f"### {tier} tier (batch {args.batch}, 1 thread)", "", "| method | s / iteration | ratio to DRaFT-1 |",
-                  "| --- | --- | --- |"]
+        lines += [f"### {tier} tier (batch {args.batch}, 1 thread)", "",
+                  "| method | s / iteration | ratio to DRaFT-1 |", "| --- | --- | --- |"]
         lines += [f"| {name} | {t[name]:.3f} | {t[name] / t['DRaFT-1']:.2f} |" for name in fns]
         pt = interleaved_times(parts(ms["Nabla-DB"], args.batch), args.reps)
         lines += ["", "| Nabla-DB part | s | share of the iteration |", "| --- | --- | --- |"]

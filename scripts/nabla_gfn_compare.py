@@ -160,7 +160,8 @@ def plot(tier: str, rows: List[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xkey, xlabel = ("mode_entropy", "mode entropy") if tier == "ring" else ("pair_dist", "mean pairwise feature distance")
+    xkey, xlabel = ("mode_entropy", "mode entropy") if tier == "ring" else \
+        ("pair_dist", "mean pairwise feature distance")
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     colours = dict(zip(ARMS, ("tab:blue", "tab:cyan", "tab:purple", "tab:gray", "tab:red", "tab:orange")))
     for arm in TIER_ARMS[tier]:

@@ -41,7 +41,7 @@ def test_short_alignment_moves_the_reward_up_and_writes_its_report(ring_prior, t
 
 
 @pytest.mark.parametrize("recipe, extra", [("nabla_gfn_ring", ["--model.init_args.sample_lag=1"]),
-                                           ("draft_ring", []), ("refl_ring", [])])
+                                           ("draft_ring", [])])  # ReFL shares DRaFT's loop
 def test_resume_equals_uninterrupted(recipe, extra, ring_prior, tmp_path):
     common = ["--trainer.val_check_interval=3", "--checkpoint.every_n_train_steps=3", "--model.init_args.batch_size=16",
               "--model.init_args.eval_samples=64", *extra]
@@ -81,7 +81,8 @@ def test_lora_trains_only_the_adapters_on_the_digits_unet(tmp_path):
     (["--model.init_args.scheduler=ddpm"], "are deterministic (sigma = 0)"),
     (["--model.init_args.prior_ckpt={digits}"], "was trained on task 'digits' (samples of shape [1, 8, 8]); task "
                                                 "'ring' needs samples of shape [2]"),
-    (["--model.init_args.prior_ckpt={tmp}/nowhere"], "nowhere not found: train it first (python -m recipes fit --config recipes/diffusion_prior_ring.yaml)"),
+    (["--model.init_args.prior_ckpt={tmp}/nowhere"],
+     "nowhere not found: train it first (python -m recipes fit --config recipes/diffusion_prior_ring.yaml)"),
     (["--model.init_args.reward={{kind: folder, path: {tmp}/no_reward}}"], "no_reward does not exist"),
     (["--model.init_args.gamma=cube"], "model.gamma 'cube' is not one of squared, sqrt")])
 def test_bad_input_is_one_line(extra, needle, ring_prior, tmp_path, capsys):
@@ -117,7 +118,8 @@ def test_stable_diffusion_layout_folder_aligns_and_reports(tmp_path):
 
     args = recipe_data_args("recipes/nabla_gfn_sd.yaml", tmp_path)
     assert main(["fit", "--config", "recipes/nabla_gfn_sd.yaml", *run_dir_args(tmp_path / "run"), *args,
-                 "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.init_args.prompts=[cat, dog]"]) == 0
+                 "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                 "--model.init_args.prompts=[cat, dog]"]) == 0
     run = tmp_path / "run" / "logs" / "version_0"
     rows = list(csv.DictReader(open(run / "alignment_metrics.csv")))
     assert [r["step"] for r in rows] == ["pretrained", "2"] and float(rows[1]["pair_dist"]) > 0
@@ -128,3 +130,34 @@ def test_stable_diffusion_layout_folder_aligns_and_reports(tmp_path):
                  "--ckpt_path=last", "--data.init_args.predict_batches=1", "--model.init_args.prompts=[cat, dog]"]) == 0
     preds = list(csv.DictReader(open(sorted((tmp_path / "run").glob("logs/version_*/predictions.csv"))[-1])))
     assert len(preds) == 2 and {p["prompt"] for p in preds} <= {"cat", "dog"}
+
+
+def test_ddpo_option_is_reinforce_at_ratio_one_in_float64(ring_prior):
+    from lightning_modules.nabla_gfn_baselines import DDPO
+
+    model = DDPO(task="ring", prior_ckpt=ring_prior, batch_size=8, timestep_fraction=0.2).double()
+    with torch.no_grad():
+        for p in model.policy.parameters():  # a policy away from the prior
+            p.add_(0.01 * torch.randn_like(p))
+    out = model.alignment_loss()
+    got = torch.autograd.grad(out["loss"], list(model.policy.parameters()))
+    # the same trajectories and steps again (the generator is seeded by the step), REINFORCE by hand
+    from lightning_modules.nabla_gfn import subsample_steps
+
+    g = model.generator()
+    traj = model.sample(8, g, keep=True)
+    log_r = model.reward(traj["x"])
+    adv = ((log_r - log_r.mean()) / (log_r.std() + 1e-8)).clamp(-5, 5)
+    steps = subsample_steps(model.chain.num_steps, 8, 0.2, g)
+    total = 0.0
+    for b in range(8):
+        for k in steps[b].tolist():
+            x_t, x_prev = traj["states"][k, b:b + 1], traj["states"][k + 1, b:b + 1]
+            kk = torch.tensor([k])
+            mu = model.chain.mean(x_t, model.policy(x_t, model.chain.timesteps[kk]), kk)
+            logp = -((x_prev - mu) ** 2).sum() / (2 * model.chain.var[k])
+            total = total - adv[b] * logp
+    want = torch.autograd.grad(total / steps.numel(), list(model.policy.parameters()))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    assert out["loss"].item() == pytest.approx(-adv.mean().item(), abs=1e-9)  # ratio 1

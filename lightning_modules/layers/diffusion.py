@@ -113,7 +113,7 @@ class GaussianChain(nn.Module):
     def full(self, k: int, n: int) -> torch.Tensor:
         return torch.full((n,), k, dtype=torch.long, device=self.timesteps.device)
 
-    # ---- sampling -----------------------------------------------------------------------------------------------------
+    # ---- sampling ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: Sequence[int],
                generator: Optional[torch.Generator] = None, start: Optional[torch.Tensor] = None,
@@ -141,7 +141,7 @@ class GaussianChain(nn.Module):
         return out
 
 
-# ---- epsilon networks -----------------------------------------------------------------------------------------------
+# ---- epsilon networks ------------------------------------------------------------------------------------------------
 def time_features(t: torch.Tensor, n: int, horizon: int) -> torch.Tensor:
     """``n`` sinusoidal features of the integer timestep ``t`` (frequencies geometric from 1 to ``horizon``)."""
     freqs = torch.exp(torch.linspace(0.0, math.log(max(horizon, 2)), n // 2, device=t.device)) / horizon
