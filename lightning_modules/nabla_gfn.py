@@ -6,7 +6,7 @@ Gaussian policy score ``s(x_t -> x_prev)`` and the residual flow score ``f(x, j)
 
     forward  (per transition):  s_theta^fwd - kappa s_prior^fwd - f(x_{k+1}, k+1)
     reverse  (per transition):  kappa (s_theta^rev - s_prior^rev) + f(x_k, k)
-    terminal (per trajectory):  |g_phi(x_K)|^2
+    terminal (per trajectory):  |g_phi(x_K)|^2          (weight 1 / transitions per trajectory, as officially)
     regulariser:                lambda |eps_theta(x_k) - eps_old(x_k)|^2
 
 with ``s^fwd = grad_{x_prev} log N(x_prev; mu(x_t), sigma^2) = (mu - x_prev) / sigma^2`` and
@@ -18,11 +18,13 @@ as the official code does, so the reverse loss trains only g_phi), and the forwa
 
 ``gamma_j`` = ``alpha_bar`` of state ``j`` (``gamma="squared"``, the official default) or its square root
 (``"sqrt"``); at the terminal state it is the chain's last level (0.9999 for the ring, errata 2).  Terminal reverse
-rows have a zero target: they add to the loss value, not to the gradient (errata 3).  ``kappa`` is the official
+rows have a zero target: they add the policy's reverse score to the loss value, not to the gradient (errata 3).  ``kappa`` is the official
 ``pretrained_strength``.  Residuals are averaged as a plain mean of squares (errata 1, the official form);
 ``weighting="eps"`` multiplies each row by ``(sigma^2 / c)^2`` with ``c = |d mu / d eps|``, which puts the residual in
 epsilon units (the spec's prototype).  Each iteration trains ``int(K * timestep_fraction) + 1`` transitions per
-trajectory: the terminal one and one random step from each of the equal chunks of the others.  One AdamW, two
+trajectory: the terminal one and one random step from each equal chunk of the chain (``subsample_steps``).  The
+regulariser compares with the outputs stored while sampling: on-policy (``sample_lag=0``, one update per batch) they
+are the current ones and it has no gradient; with the official lag it holds theta near the previous iterate.  One AdamW, two
 parameter groups (theta: ``lr``, ``weight_decay``; g_phi: ``flow_lr``, ``flow_weight_decay``), clipped separately.
 ``no_flow=true`` drops g_phi and the reverse loss (the forward-looking guess alone).  ``sample_lag=1`` trains on the
 previous iteration's trajectories, as the official code does (the first iteration trains on its own).
@@ -43,16 +45,22 @@ GAMMAS = ("squared", "sqrt")
 WEIGHTINGS = ("none", "eps")
 
 
-def subsample_steps(num_steps: int, batch: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """``(batch, n)`` step indices per trajectory, ``n = int(K * fraction) + 1``: the terminal step ``K - 1`` and one
-    uniform pick from each of ``n - 1`` equal chunks of steps ``0 .. K - 2`` (the official low-variance sampling)."""
+def subsample_steps(num_steps: int, batch: int, fraction: float, generator: torch.Generator,
+                    stratified: bool = True) -> torch.Tensor:
+    """``(batch, n)`` step indices per trajectory, ``n = int(K * fraction) + 1``: the terminal step ``K - 1`` first,
+    then one uniform pick from each of ``n - 1`` equal chunks of all ``K`` steps (the official low-variance sampling:
+    the last chunk holds the terminal step too, which can so be trained twice), or with ``stratified=False``
+    ``n - 1`` distinct non-terminal steps drawn at random (the official ``low_var_subsampling=False``)."""
     n = min(int(num_steps * fraction) + 1, num_steps)
     chunks = n - 1
     cols = [torch.full((batch,), num_steps - 1, dtype=torch.long)]
-    if chunks:
-        edges = torch.linspace(0, num_steps - 1, chunks + 1).long()
+    if chunks and stratified:
+        edges = torch.linspace(0, num_steps, chunks + 1).long()
         for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
             cols.append(lo + torch.randint(max(1, hi - lo), (batch,), generator=generator))
+    elif chunks:
+        picks = torch.stack([torch.randperm(num_steps - 1, generator=generator)[:chunks] for _ in range(batch)])
+        cols.extend(picks.unbind(1))
     return torch.stack(cols, dim=1)
 
 
@@ -114,7 +122,8 @@ def nabla_db_losses(chain: GaussianChain, policy: nn.Module, prior: nn.Module, f
         g_term = _rowmean(gn ** 2)[term].sum() / (n_term + 1e-6)
     fwd_res = s_fwd - flow_next
     rev_pred = kappa * (rev_theta - rev_prior)
-    rev_res = torch.where(tmask.bool(), rev_pred, rev_pred + flow_cur) if flow is not None else rev_pred * 0
+    # terminal rows: the official target is zero, so the residual is the policy's own (detached) reverse score
+    rev_res = torch.where(tmask.bool(), kappa * rev_theta, rev_pred + flow_cur) if flow is not None else rev_pred * 0
     w = eps_weight(chain, k).to(x_t.dtype) if weighting == "eps" else torch.ones_like(k, dtype=x_t.dtype)
     return {"fwd": (w * _rowmean(fwd_res ** 2)).mean(), "rev": (w * _rowmean(rev_res ** 2)).mean(),
             "terminal": g_term, "reg": _rowmean((eps_theta - eps_old) ** 2).mean(),
@@ -125,7 +134,7 @@ class NablaGFN(DiffusionAlignment):
     def __init__(self, *args, timestep_fraction: float = 0.1, reverse_scale: float = 1.0, reg_scale: float = 1e3,
                  gamma: str = "squared", kappa: float = 1.0, weighting: str = "none", no_flow: bool = False,
                  flow_net: Optional[Dict[str, Any]] = None, flow_lr: float = 1e-3, flow_weight_decay: float = 1e-2,
-                 sample_lag: int = 0, micro_batch: Optional[int] = None, **kwargs):
+                 sample_lag: int = 0, micro_batch: Optional[int] = None, stratified: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if gamma not in GAMMAS:
             raise ValueError(f"model.gamma {gamma!r} is not one of {', '.join(GAMMAS)}")
@@ -168,7 +177,7 @@ class NablaGFN(DiffusionAlignment):
             batch, self._lagged = (self._lagged or fresh), {key: v.detach() for key, v in fresh.items()}
         states, eps_old = batch["states"], batch["eps"]
         K = self.chain.num_steps
-        steps = subsample_steps(K, hp.batch_size, hp.timestep_fraction, g).to(states.device)
+        steps = subsample_steps(K, hp.batch_size, hp.timestep_fraction, g, hp.stratified).to(states.device)
         rows = torch.arange(hp.batch_size, device=states.device)[:, None].expand_as(steps).reshape(-1)
         k = steps.reshape(-1)
         chunk = hp.micro_batch or len(k)
@@ -180,8 +189,10 @@ class NablaGFN(DiffusionAlignment):
             parts = nabla_db_losses(self.chain, self.policy, self.prior, self.flow, self.reward, states[kk, r],
                                     states[kk + 1, r], eps_old[kk, r], kk, hp.beta, hp.gamma, hp.kappa, hp.weighting)
             n_term = (kk == K - 1).sum()
-            # the chunk's share of the means over all rows (the terminal term: of all terminal rows)
-            share, t_share = len(kk) / len(k), n_term / max(1, int((k == K - 1).sum()))
+            # the chunk's share of the means over all rows; the terminal term (a mean over the terminal rows) enters
+            # once per trained column, as in the official loss, i.e. with weight 1 / (transitions per trajectory)
+            share = len(kk) / len(k)
+            t_share = n_term / max(1, int((k == K - 1).sum())) / steps.shape[1]
             loss = share * (parts["fwd"] + hp.reg_scale * parts["reg"])
             if self.flow is not None:
                 loss = loss + share * hp.reverse_scale * parts["rev"] + t_share * parts["terminal"]

@@ -41,6 +41,8 @@ ARMS = {
                            "Nabla-DB, plain mean of squared residuals (official)"),
     "nabla_gfn_sqrt": ("nabla_gfn", ["--model.init_args.gamma=sqrt"], "Nabla-DB, gamma = sqrt(alpha_bar)"),
     "nabla_gfn_no_flow": ("nabla_gfn", ["--model.init_args.no_flow=true"], "Nabla-DB, no g_phi (forward-looking only)"),
+    "nabla_gfn_lag": ("nabla_gfn", ["--model.init_args.sample_lag=1"],
+                      "Nabla-DB, trained on the previous iteration's trajectories (official)"),
     "draft": ("draft", [], "DRaFT-1"),
     "refl": ("refl", [], "ReFL"),
 }
@@ -163,7 +165,8 @@ def plot(tier: str, rows: List[Dict], path: Path) -> None:
     xkey, xlabel = ("mode_entropy", "mode entropy") if tier == "ring" else \
         ("pair_dist", "mean pairwise feature distance")
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
-    colours = dict(zip(ARMS, ("tab:blue", "tab:cyan", "tab:purple", "tab:gray", "tab:red", "tab:orange")))
+    colours = dict(zip(ARMS, ("tab:blue", "tab:cyan", "tab:purple", "tab:gray", "tab:green", "tab:red",
+                              "tab:orange")))
     for arm in TIER_ARMS[tier]:
         group = [r for r in rows if r["arm"] == arm]
         if group:

@@ -161,7 +161,8 @@ def recipe_data_args(recipe, tmp_path):
                     "[8, 16], attention: false, norm_num_groups: 4}", "--trainer.accelerator=cpu",
                     "--trainer.precision=32-true"]
         task = "digits" if "task: digits" in text else "ring"
-        return [*small, f"--model.init_args.prior_ckpt={tiny_prior(tmp_path, task)}", "--model.init_args.batch_size=8"]
+        return [*small, f"--model.init_args.prior_ckpt={tiny_prior(tmp_path, task)}", "--model.init_args.batch_size=8",
+                "--model.init_args.reference_samples=64"]
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
                 "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",

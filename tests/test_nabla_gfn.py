@@ -115,7 +115,7 @@ def _reference(chain, policy, prior, flow, reward, x_t, x_prev, eps_old, k, beta
             flow_next = beta * gn * rg_next + flow(xp, tn)
         rg_cur = torch.func.grad(lambda x: reward(chain.x0_hat(x, policy(x, t), ki)).sum())(xt.detach()).detach()
         flow_cur = beta * gc * rg_cur + flow(xt, t)
-        rev_res = (rev_t - rev_p) if terminal else (rev_t - rev_p) + flow_cur
+        rev_res = rev_t if terminal else (rev_t - rev_p) + flow_cur  # terminal rows: the official zero target
         fwd = fwd + w * ((s_fwd - flow_next) ** 2).mean()
         rev = rev + w * (rev_res ** 2).mean()
         reg = reg + ((eps_t - eps_old[i:i + 1]) ** 2).mean()
@@ -158,13 +158,17 @@ def test_residuals_vanish_at_the_prior_with_beta_zero_and_terminal_condition_is_
     eps_old = policy(x_t, chain.state_timestep(k)).detach()
     zero = zero_output(copy.deepcopy(flow))
     out = nabla_db_losses(chain, policy, prior, zero, reward, x_t, x_prev, eps_old, k, beta=0.0)
-    for key in ("fwd", "rev", "terminal", "reg"):
+    for key in ("fwd", "terminal", "reg"):
         assert out[key] == 0, key
+    term = k == chain.num_steps - 1
+    assert (out["fwd_res"] == 0).all() and (out["rev_res"][~term] == 0).all()
+    # terminal reverse rows have the official zero target: their residual is the policy's own reverse score, a
+    # value without gradient (errata 3)
+    assert (out["rev_res"][term] != 0).all()
     # theta = prior, beta > 0, a non-zero g_phi: on terminal rows the target is exactly beta * alpha_K * grad log r
     # at the sample (no g_phi; errata 2), elsewhere beta * gamma * grad log r(x0_hat) + g_phi
     beta = 2.0
     out = nabla_db_losses(chain, policy, prior, flow, reward, x_t, x_prev, eps_old, k, beta=beta)
-    term = k == chain.num_steps - 1
     grad_r = -(x_prev - reward.center.double()) / reward.rho ** 2
     alpha_final = chain.state_alpha(torch.tensor([chain.num_steps])).double()
     assert alpha_final.item() == pytest.approx(float(chain.alphas_cumprod[0]))
@@ -188,15 +192,23 @@ def test_every_residual_is_finite_on_the_ring_chain_and_a_deterministic_step_is_
 
 def test_subsampling_takes_the_terminal_step_and_one_per_chunk():
     g = torch.Generator().manual_seed(0)
+    steps = subsample_steps(50, 500, 0.1, g)  # the official 50 steps: the terminal one, then one per 10 steps
+    assert steps.shape == (500, 6)
+    assert (steps[:, 0] == 49).all()
+    for c in range(5):
+        assert set(steps[:, c + 1].tolist()) == set(range(10 * c, 10 * c + 10))
     steps = subsample_steps(49, 500, 0.1, g)
     assert steps.shape == (500, 5)
     assert (steps[:, 0] == 48).all()
-    edges = torch.linspace(0, 48, 5).long()
+    edges = torch.linspace(0, 49, 5).long()
     for c in range(4):
         col = steps[:, c + 1]
         assert (col >= edges[c]).all() and (col < edges[c + 1]).all()
         assert len(col.unique()) == int(edges[c + 1] - edges[c])  # every step of the chunk gets picked
     assert subsample_steps(49, 3, 0.0, g).tolist() == [[48]] * 3
+    free = subsample_steps(49, 200, 0.1, g, stratified=False)  # the official low_var_subsampling=False
+    assert (free[:, 0] == 48).all() and (free[:, 1:] < 48).all()
+    assert all(len(set(row)) == 4 for row in free[:, 1:].tolist())
 
 
 def test_ring_metrics_and_frechet_distance():

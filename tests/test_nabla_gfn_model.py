@@ -62,6 +62,7 @@ def test_lora_trains_only_the_adapters_on_the_digits_unet(tmp_path):
     prior = tiny_prior(tmp_path, "digits")
     assert main(["fit", "--config", "recipes/nabla_gfn_digits.yaml", *run_dir_args(tmp_path / "run"),
                  f"--model.init_args.prior_ckpt={prior}", "--model.init_args.eval_samples=32",
+                 "--model.init_args.reference_samples=64",
                  "--model.init_args.batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2"]) == 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     lora = [k for k in state if "lora_" in k and k.startswith("policy.")]
