@@ -10,7 +10,9 @@ directly, with no prior term, which is why they collapse onto the reward's mode.
 * ``DDPO`` (Black et al. 2024, the option the issue names; gradient-free in the reward): PPO-clip on the Gaussian
   log-probabilities of the sampled transitions, ``ratio = p_theta(x_prev | x_t) / p_old``, with the batch-standardised
   rewards as advantages (clipped to ``adv_clip``), ``timestep_fraction`` of each trajectory's steps per update.  With
-  one update per batch of trajectories the ratio is 1 and the gradient is REINFORCE's (tested).
+  one update per batch of trajectories the ratio is 1 and the gradient is REINFORCE's (tested).  Its learning rate
+  defaults to 1e-4: on the ring, 1e-3 diverged; at 1e-4, 300 iterations reached reward -0.64 with on-support 0.26
+  (it drifts off the prior's support, more slowly than the gradient baselines).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class ReFL(DiffusionAlignment):
 class DDPO(DiffusionAlignment):
     def __init__(self, *args, clip_range: float = 1e-4, adv_clip: float = 5.0, timestep_fraction: float = 1.0,
                  **kwargs):
+        kwargs.setdefault("lr", 1e-4)  # measured on the ring: 1e-3 diverges within 200 iterations, 1e-4 does not
         super().__init__(*args, **kwargs)
         if clip_range <= 0 or adv_clip <= 0 or not 0 <= timestep_fraction <= 1:
             raise ValueError(f"DDPO needs clip_range > 0, adv_clip > 0 and timestep_fraction in [0, 1]; got "
