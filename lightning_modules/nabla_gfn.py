@@ -17,17 +17,18 @@ as the official code does, so the reverse loss trains only g_phi), and the forwa
     f(x, K) = beta gamma_K grad_x log r(x)                                        (terminal: no g_phi)
 
 ``gamma_j`` = ``alpha_bar`` of state ``j`` (``gamma="squared"``, the official default) or its square root
-(``"sqrt"``); at the terminal state it is the chain's last level (0.9999 for the ring, errata 2).  Terminal reverse
-rows have a zero target: they add the policy's reverse score to the loss value, not to the gradient (errata 3).  ``kappa`` is the official
-``pretrained_strength``.  Residuals are averaged as a plain mean of squares (errata 1, the official form);
-``weighting="eps"`` multiplies each row by ``(sigma^2 / c)^2`` with ``c = |d mu / d eps|``, which puts the residual in
-epsilon units (the spec's prototype).  Each iteration trains ``int(K * timestep_fraction) + 1`` transitions per
-trajectory: the terminal one and one random step from each equal chunk of the chain (``subsample_steps``).  The
-regulariser compares with the outputs stored while sampling: on-policy (``sample_lag=0``, one update per batch) they
-are the current ones and it has no gradient; with the official lag it holds theta near the previous iterate.  One AdamW, two
-parameter groups (theta: ``lr``, ``weight_decay``; g_phi: ``flow_lr``, ``flow_weight_decay``), clipped separately.
-``no_flow=true`` drops g_phi and the reverse loss (the forward-looking guess alone).  ``sample_lag=1`` trains on the
-previous iteration's trajectories, as the official code does (the first iteration trains on its own).
+(``"sqrt"``); at the terminal state it is the chain's last level (0.9999 for the ring, errata 2). Terminal reverse
+rows have a zero target: they add the policy's reverse score to the loss value, not to the gradient (errata 3).
+``kappa`` is the official ``pretrained_strength``. Residuals are averaged as a plain mean of squares (errata 1, the
+official form); ``weighting="eps"`` multiplies each row by ``(sigma^2 / c)^2`` with ``c = |d mu / d eps|``, which puts
+the residual in epsilon units (the spec's prototype). Each iteration trains ``int(K * timestep_fraction) + 1``
+transitions per trajectory: the terminal one and one random step from each equal chunk of the chain
+(``subsample_steps``). The regulariser compares with the outputs stored while sampling: on-policy (``sample_lag=0``,
+one update per batch) they are the current ones and it has no gradient; with the official lag it holds theta near the
+previous iterate. One AdamW, two parameter groups (theta: ``lr``, ``weight_decay``; g_phi: ``flow_lr``,
+``flow_weight_decay``), clipped separately. ``no_flow=true`` drops g_phi and the reverse loss (the forward-looking
+guess alone). ``sample_lag=1`` trains on the previous iteration's trajectories, as the official code does (the first
+iteration trains on its own).
 
 Every transition needs noise (``sigma > 0``): a chain whose last step is deterministic stops with one line.
 """

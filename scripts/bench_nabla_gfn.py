@@ -125,8 +125,8 @@ def main(argv=None) -> None:
         tt = interleaved_times({"1": with_threads(1), "2": with_threads(2)}, args.reps)
         torch.set_num_threads(1)
         lines += ["", f"Threads: a Nabla-DB iteration with 2 threads takes {tt['2'] / tt['1']:.2f}x the time with 1 "
-                  f"({tt['1']:.3f} s vs {tt['2']:.3f} s). The comparison script runs two runs at a time with one thread each.",
-                  ""]
+                  f"({tt['1']:.3f} s vs {tt['2']:.3f} s). The comparison script runs two runs at a time with one "
+                  "thread each.", ""]
         print("\n".join(lines[-12:]), flush=True)
     text = "\n".join(lines)
     print(text)
