@@ -27,10 +27,7 @@ COLUMNS = ("reward", "on_support", "mode_entropy", "tv", "pair_dist", "on_manifo
 
 def ring_target_row(module, n: int = 20_000, seed: int = 0) -> Dict[str, float]:
     """The metrics of ``n`` exact samples of the ring target (the reference point of the trade-off plot)."""
-    from lightning_modules.nabla_gfn_rewards import ring_target
-
-    r = module.reward
-    w, means, std = ring_target(module.hparams.beta, tuple(r.center.tolist()), r.rho)
+    w, means, std = module.ring_target()
     g = torch.Generator().manual_seed(seed)
     which = torch.multinomial(w, n, replacement=True, generator=g)
     x = (means[which] + std * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
@@ -109,14 +106,12 @@ class NablaGFNReport(L.Callback):
         ref = pl_module.reference.get("samples")
         step = pl_module.global_step
         if pl_module.hparams.task == "ring":
-            from lightning_modules.nabla_gfn_rewards import ring_target
-
             with open(os.path.join(out, "samples.csv"), "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["x", "y"])
                 w.writerows([[f"{a:.4f}", f"{b:.4f}"] for a, b in x.tolist()])
             r = pl_module.reward
-            weights, means, _ = ring_target(pl_module.hparams.beta, tuple(r.center.tolist()), r.rho)
+            weights, means, _ = pl_module.ring_target()
             fig, ax = plt.subplots(figsize=(5, 5))
             if ref is not None:
                 ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", label="pretrained")

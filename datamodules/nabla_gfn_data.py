@@ -28,6 +28,13 @@ TASKS = ("ring", "digits", "sd")  # sd: a diffusers pipeline folder (lightning_m
 RING_MODES, RING_RADIUS, RING_STD = 8, 3.0, 0.25
 
 
+def require_at_least(prefix: str, low, **values) -> None:
+    """One line naming the first of ``values`` below ``low``: ``<prefix>.<name> must be >= <low>, got <value>``."""
+    for name, value in values.items():
+        if value < low:
+            raise ValueError(f"{prefix}.{name} must be >= {low}, got {value}")
+
+
 def check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
@@ -74,12 +81,7 @@ class DiffusionDataModule(L.LightningDataModule):
                  seed: Optional[int] = None, predict_batches: int = 4):
         super().__init__()
         sample_shape(task)
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if n_train < 1:
-            raise ValueError(f"data.n_train must be >= 1, got {n_train}")
-        if predict_batches < 1:
-            raise ValueError(f"data.predict_batches must be >= 1, got {predict_batches}")
+        require_at_least("data", 1, batch_size=batch_size, n_train=n_train, predict_batches=predict_batches)
         self.save_hyperparameters()
         self.train_set: Optional[TensorDataset] = None
 
@@ -132,10 +134,7 @@ class AlignmentDataModule(L.LightningDataModule):
     def __init__(self, task: str = "ring", iterations_per_epoch: int = 100, predict_batches: int = 4):
         super().__init__()
         check_task(task)
-        if iterations_per_epoch < 1:
-            raise ValueError(f"data.iterations_per_epoch must be >= 1, got {iterations_per_epoch}")
-        if predict_batches < 1:
-            raise ValueError(f"data.predict_batches must be >= 1, got {predict_batches}")
+        require_at_least("data", 1, iterations_per_epoch=iterations_per_epoch, predict_batches=predict_batches)
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from datamodules.nabla_gfn_data import check_task
+from datamodules.nabla_gfn_data import check_task, require_at_least
 from lightning_modules.diffusion_prior import build_chain, load_prior
 from lightning_modules.nabla_gfn_rewards import (ClassifierReward, FolderReward, RingReward, digits_classifier,
                                                  image_metrics, ring_metrics, ring_target,
@@ -60,12 +60,10 @@ class DiffusionAlignment(L.LightningModule):
         check_task(task)
         if beta < 0:
             raise ValueError(f"model.beta (the reward temperature) must be >= 0, got {beta}")
-        if batch_size < 1:
-            raise ValueError(f"model.batch_size must be >= 1, got {batch_size}")
+        require_at_least("model", 1, batch_size=batch_size, eval_samples=eval_samples, predict_batch=predict_batch)
+        require_at_least("model", 0, lora_rank=lora_rank)  # 0: train the full copy
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        if lora_rank < 0:
-            raise ValueError(f"model.lora_rank must be >= 0 (0: train the full copy), got {lora_rank}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.conditioning, self.prompts = None, None
@@ -185,10 +183,18 @@ class DiffusionAlignment(L.LightningModule):
         return image_metrics(x, self.reward, clf, self.reference.get("features"), classes,
                              self.reference.get("class_features"))
 
-    def target_weights(self) -> torch.Tensor:
-        """The ring target's mode weights for this reward and beta (exact for the default ring reward)."""
+    def ring_target(self):
+        """``(weights, means, std)`` of the ring's exact target for this reward and beta (``ring_target``)."""
         r = self.reward
-        return ring_target(self.hparams.beta, tuple(r.center.tolist()), r.rho)[0]
+        return ring_target(self.hparams.beta, tuple(r.center.tolist()), r.rho)
+
+    def target_weights(self) -> torch.Tensor:
+        return self.ring_target()[0]
+
+    def setup(self, stage: str) -> None:
+        task = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "task", None)
+        if task is not None and task != self.hparams.task:
+            raise ValueError(f"data.task {task!r} and model.task {self.hparams.task!r} differ; give both the same task")
 
     def on_fit_start(self) -> None:
         self._reference()

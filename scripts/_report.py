@@ -53,6 +53,13 @@ def seeds_main(doc: str, script: str, compare, write, default_seeds=(0, 1, 2, 3)
     print(write(results, args.out, f"python scripts/{script}.py --seeds " + " ".join(map(str, args.seeds))))
 
 
+def shown_command(script: str, argv: List[str]) -> str:
+    """``python scripts/<script>.py`` with ``argv`` minus ``--out <folder>`` (a local path, not part of the recipe of
+    the numbers): the command a results section names."""
+    kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
+    return " ".join([f"python scripts/{script}.py", *kept])
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.run_files import save_figure  # noqa: E402
 from datamodules.trace_dataset import TraceDataConfig, ensure_dataset  # noqa: E402
-from scripts._report import fit_run, update_section, write_checked_section  # noqa: E402
+from scripts._report import fit_run, shown_command, update_section, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 ARMS = {"dualformer": ("fast", "slow", "auto"), "full_trace": ("slow",), "solution_only": ("fast",)}
@@ -184,8 +184,7 @@ def main() -> None:
         rows = [r for rs in pool.map(lambda t: run_one(t[0], t[1], args), tasks) for r in rs]
     tab = table(rows, args.samples)
     plot(tab, ROOT / "docs" / f"{args.section}_trace_vs_optimal.png")
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out")]
-    command = " ".join(["python scripts/dualformer_compare.py", *argv])
+    command = shown_command("dualformer_compare", sys.argv[1:])
     print(write(tab, args, command))
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from callbacks.run_files import save_figure  # noqa: E402
-from scripts._report import fit_run, update_section, write_checked_section  # noqa: E402
+from scripts._report import fit_run, shown_command, update_section, write_checked_section  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 # arm -> (recipe stem without the tier, extra arguments, label)
@@ -195,7 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = "1"
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out")]
+    command = shown_command("nabla_gfn_compare", sys.argv[1:])
     for tier in args.tiers:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda t: prior(t, args), [tier]))
@@ -203,7 +203,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(lambda t: run_one(tier, t[0], t[1], args), tasks))
         plot(tier, rows, ROOT / "docs" / f"nabla_gfn_{tier}_tradeoff.png")
-        print(write(tier, rows, args, " ".join(["python scripts/nabla_gfn_compare.py", *argv])))
+        print(write(tier, rows, args, command))
 
 
 if __name__ == "__main__":

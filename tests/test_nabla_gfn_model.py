@@ -85,7 +85,9 @@ def test_lora_trains_only_the_adapters_on_the_digits_unet(tmp_path):
     (["--model.init_args.prior_ckpt={tmp}/nowhere"],
      "nowhere not found: train it first (python -m recipes fit --config recipes/diffusion_prior_ring.yaml)"),
     (["--model.init_args.reward={{kind: folder, path: {tmp}/no_reward}}"], "no_reward does not exist"),
-    (["--model.init_args.gamma=cube"], "model.gamma 'cube' is not one of squared, sqrt")])
+    (["--model.init_args.gamma=cube"], "model.gamma 'cube' is not one of squared, sqrt"),
+    (["--data.init_args.task=digits"], "data.task 'digits' and model.task 'ring' differ"),
+    (["--model.init_args.batch_size=0"], "model.batch_size must be >= 1, got 0")])
 def test_bad_input_is_one_line(extra, needle, ring_prior, tmp_path, capsys):
     digits = tiny_prior(tmp_path, "digits") if any("{digits}" in e for e in extra) else ""
     extra = [e.format(tmp=tmp_path, digits=digits) for e in extra]
