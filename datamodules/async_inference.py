@@ -21,11 +21,8 @@ by ``datamodules.stagger``'s max_time schedule.
 from __future__ import annotations
 
 import collections
-import contextlib
 import multiprocessing as mp
-import os
 import queue
-import signal
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -33,60 +30,12 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from datamodules.processes import (WorkerError, _locked, _ParentGone, clock, ignore_stop_signals,
+                                   start_shielded)
 from datamodules.realtime_env import TransitionMerger
 from datamodules.stagger import StaggerState, worker_loop
 
 LOG_FIELDS = 5  # publication time, worker, observation time, inference seconds, observation frame
-
-
-class WorkerError(RuntimeError):
-    pass
-
-
-class _ParentGone(Exception):
-    pass
-
-
-def clock() -> float:
-    return time.monotonic()  # system-wide on Linux and macOS: comparable across processes
-
-
-@contextlib.contextmanager
-def _locked(lock, alive=None):
-    """``with lock``, but a worker whose parent died while holding it (or waiting) stops instead of blocking."""
-    if alive is None:
-        with lock:
-            yield
-        return
-    while not lock.acquire(timeout=0.05):
-        if alive.poll(0):
-            raise _ParentGone
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def start_shielded(proc) -> None:
-    """``proc.start()`` with Ctrl-C / SIGTERM blocked meanwhile: the child inherits the block, so a signal to the
-    whole job while it is still importing stays pending until it has installed its handlers (``ignore_stop_signals``)
-    instead of killing it; ours is delivered after the start."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        proc.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def ignore_stop_signals() -> None:
-    """In a child: Ctrl-C and a scheduler's SIGTERM reach the whole group, and the parent decides (it stops the
-    child, or checkpoints first); the child ends on the stop event or when the parent's pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 class Channels:
@@ -402,20 +351,3 @@ class EnvLoop:
             tick += self.period
         if pool is not None:
             pool.check()
-
-
-def worker_pids_alive(pids: List[int]) -> List[int]:
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        try:  # a zombie is dead
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().split(")")[-1].split()[0] == "Z":
-                    continue
-        except OSError:
-            pass
-        alive.append(pid)
-    return alive

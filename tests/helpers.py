@@ -163,6 +163,16 @@ def recipe_data_args(recipe, tmp_path):
         task = "digits" if "task: digits" in text else "ring"
         return [*small, f"--model.init_args.prior_ckpt={tiny_prior(tmp_path, task)}", "--model.init_args.batch_size=8",
                 "--model.init_args.reference_samples=64"]
+    if "datamodules.rlhf_data" in text:  # few prompts; the TL;DR recipe on tiny GPT-2 folders, CPU
+        small = ["--data.init_args.eval_prompts=32", "--data.init_args.batch_size=8"]
+        if "prompts: hf_disk" not in text:
+            return small
+        T = write_tiny_rlhf(tmp_path / "rlhf")
+        return [*small, f"--model.init_args.policy.path={T / 'policy'}",
+                f"--data.init_args.tokenizer={T / 'tokenizer'}", f"--model.init_args.reward.path={T / 'rm'}",
+                f"--model.init_args.gold.path={T / 'rm'}", f"--data.init_args.train_path={T / 'tldr'}",
+                "--data.init_args.actor_device=cpu", "--data.init_args.eval_batch_size=4",
+                "--model.init_args.response_length=5", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
                 "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",
@@ -436,3 +446,40 @@ def write_tiny_sd(root):
 
     torch.jit.script(Brightness()).save(str(reward / "reward.pt"))
     return str(pipe), str(reward)
+
+
+def write_tiny_rlhf(root, n_train=24, n_val=6):
+    """Tiny Hugging Face folders for the RLHF recipes: a word-level tokenizer (``tokenizer``), a 1-layer GPT-2 policy
+    (``policy``), a GPT-2 sequence-classification reward model (``rm``), prompts as JSONL (``train.jsonl``,
+    ``val.jsonl``) and as a TL;DR-layout ``save_to_disk`` dataset (``tldr``: ``query`` / ``reference_response``).
+    Returns the folder."""
+    import json
+    import random
+
+    import torch
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = Path(root)
+    words = [f"w{i}" for i in range(20)]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    fast.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=64, eos_token_id=2,
+                        bos_token_id=2, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(root / "policy")
+    config.num_labels = 1
+    GPT2ForSequenceClassification(config).save_pretrained(root / "rm")
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(2, 6))),
+             "reference": " ".join(rng.choice(words) for _ in range(3))} for _ in range(n_train + n_val)]
+    for name, part in (("train", rows[:n_train]), ("val", rows[n_train:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    as_tldr = lambda part: Dataset.from_dict({"query": [r["prompt"] for r in part],  # noqa: E731
+                                              "reference_response": [r["reference"] for r in part]})
+    DatasetDict(train=as_tldr(rows[:n_train]), validation=as_tldr(rows[n_train:])).save_to_disk(str(root / "tldr"))
+    return root

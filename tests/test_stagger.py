@@ -141,7 +141,7 @@ def _pids(proc):
 
 
 def _gone(pids, seconds=10.0):
-    from datamodules.async_inference import worker_pids_alive
+    from datamodules.processes import worker_pids_alive
 
     deadline = time.time() + seconds
     while worker_pids_alive(pids) and time.time() < deadline:

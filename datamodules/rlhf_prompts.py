@@ -1,0 +1,117 @@
+"""Prompts for online RLHF (spec ``async_rlhf.md`` sections 4.1 and 6.2): the embedded toy task, JSONL files and
+Hugging Face datasets saved to disk (the TL;DR layout of the paper), as token ids with optional reference responses.
+
+* Toy (the default; no files): a prompt is 4 tokens from a vocabulary of 8, drawn from ``(seed, batch)``; the gold
+  reward of a response is ``lightning_modules.layers.reward_models.toy_gold_reward``.
+* ``jsonl``: one object per line, ``{"prompt": text, "reference": text (optional)}``.
+* ``hf_disk``: ``datasets.load_from_disk`` folder of a ``DatasetDict`` with the train / validation splits and text
+  columns ``query`` and ``reference_response`` (names are settings), as in
+  ``vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144``.
+
+Text is encoded with a local tokenizer folder (``datamodules.text_tokenizers.HFTokenizer``); prompts longer than
+``max_prompt_tokens`` keep their last tokens.  Bad input is one line naming the file, line or column.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+TOY_VOCAB, TOY_PROMPT, TOY_RESPONSE = 8, 4, 8
+
+
+@dataclass
+class PromptSet:
+    """Token ids of prompts and (optionally) of their reference responses."""
+    prompts: List[List[int]]
+    references: Optional[List[List[int]]] = None
+    texts: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def toy_prompts(n: int, seed: int) -> torch.Tensor:
+    """``n`` toy prompts (n, 4), uniform over the vocabulary of 8, from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, TOY_VOCAB, size=(n, TOY_PROMPT))).long()
+
+
+def read_jsonl(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a .jsonl file of "
+                                "{\"prompt\": ..., \"reference\": ...} objects")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row["prompt"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string ({err})") from None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{n}: \"prompt\" must be a non-empty string")
+            rows.append({"prompt": text, "reference": row.get("reference")})
+    if not rows:
+        raise ValueError(f"prompt file {path!r} holds no prompt")
+    return rows
+
+
+def read_hf_disk(path: str, split: str, prompt_column: str = "query",
+                 reference_column: Optional[str] = "reference_response") -> List[dict]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset folder {path!r} does not exist; expected a datasets.save_to_disk folder")
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(path)
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset {path!r} has no split {split!r}; it has {', '.join(ds)}")
+        ds = ds[split]
+    if prompt_column not in ds.column_names:
+        raise ValueError(f"dataset {path!r} has no column {prompt_column!r}; it has {', '.join(ds.column_names)}")
+    refs = ds[reference_column] if reference_column and reference_column in ds.column_names else None
+    return [{"prompt": q, "reference": None if refs is None else refs[i]} for i, q in enumerate(ds[prompt_column])]
+
+
+def encode_rows(rows: List[dict], tokenizer, max_prompt_tokens: int, bos: bool = False) -> PromptSet:
+    prompts, refs = [], []
+    for row in rows:
+        ids = tokenizer.encode(row["prompt"])[-max_prompt_tokens:]
+        if bos and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids[-(max_prompt_tokens - 1):]
+        prompts.append(ids)
+        if row.get("reference") is not None:
+            ref = tokenizer.encode(row["reference"])
+            refs.append(ref + ([tokenizer.eos_id] if tokenizer.eos_id is not None else []))
+    if refs and len(refs) != len(prompts):
+        raise ValueError("some rows have a reference response and some do not; give every row one or none")
+    return PromptSet(prompts, refs or None, [r["prompt"] for r in rows])
+
+
+def left_pad(ids: List[List[int]], pad_id: int):
+    """(n, P) token ids left-padded with ``pad_id`` and their 0/1 mask."""
+    P = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), P)
+    for i, x in enumerate(ids):
+        if x:
+            tokens[i, P - len(x):] = torch.tensor(x)
+            mask[i, P - len(x):] = 1.0
+    return tokens, mask
+
+
+def right_pad(ids: List[List[int]], length: int, pad_id: int):
+    tokens = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), length)
+    for i, x in enumerate(ids):
+        x = x[:length]
+        tokens[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1.0
+    return tokens, mask
