@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.env_side import _Items
 from datamodules.rlhf_actor import Actor, PromptSampler, Schedule
+from datamodules.sampling import world_of
 from datamodules.rlhf_prompts import (PromptSet, encode_rows, left_pad, read_hf_disk, read_jsonl, right_pad,
                                       toy_prompts)
 
@@ -88,7 +89,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.train_set: Optional[PromptSet] = None
         self.val_set: Optional[PromptSet] = None
         self.actor: Optional[Actor] = None
-        self._pending: List[dict] = []
+        self._pending: List[List[dict]] = []  # per rank, from a checkpoint
         atexit.register(self.close)
 
     # ------------------------------------------------------------------ data
@@ -106,14 +107,20 @@ class RLHFDataModule(L.LightningDataModule):
             self.train_set = self._read("train")
             self.val_set = self._read("validation")
 
+    @property
+    def rank_seed(self) -> int:
+        """The seed of this rank's prompts and samples (rank 0: the run's seed)."""
+        _, rank = world_of(getattr(self, "trainer", None))
+        return self.seed + 1_000_003 * rank
+
     def sampler(self) -> PromptSampler:
-        return PromptSampler(self.hparams.batch_size, self.seed, self.train_set, self.pad_id)
+        return PromptSampler(self.hparams.batch_size, self.rank_seed, self.train_set, self.pad_id)
 
     def prompts_for_reward_model(self, n: int) -> Dict[str, torch.Tensor]:
         """``n`` training prompts (apart from those the run trains on first) to label pairs for a proxy reward
         model."""
         if self.train_set is None:
-            tokens = toy_prompts(n, seed=self.seed + 7_000_003)
+            tokens = toy_prompts(n, seed=self.seed + 7_000_003)  # the same on every rank: one proxy model
             return {"prompts": tokens, "prompt_mask": torch.ones_like(tokens, dtype=torch.float32)}
         ids = [self.train_set.prompts[i % len(self.train_set)] for i in range(n)]
         tokens, mask = left_pad(ids, self.pad_id)
@@ -127,9 +134,14 @@ class RLHFDataModule(L.LightningDataModule):
     def _start_actor(self) -> Actor:
         module, step = self.learner, self.trainer.global_step
         n_params = sum(p.numel() for p in module.policy.parameters())
+        world, rank = world_of(self.trainer)
+        pending = self._pending[rank] if self._pending else []
+        if self._pending and len(self._pending) != world:
+            raise ValueError(f"the checkpoint holds the batches in flight of {len(self._pending)} processes, this run "
+                             f"has {world} (resume with the same number of devices)")
         self.actor = Actor(module.generator_spec(self.hparams.actor_device, self.eos_id, self.pad_id), self.sampler(),
-                           self.schedule, n_params, seed=self.seed, start_batch=step + len(self._pending),
-                           pending=self._pending, threads=self.hparams.actor_threads).start()
+                           self.schedule, n_params, seed=self.rank_seed, start_batch=step + len(pending),
+                           pending=pending, threads=self.hparams.actor_threads).start()
         self._pending = []
         return self.actor
 
@@ -186,9 +198,16 @@ class RLHFDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, object]:
+        """Every rank's batches in flight (made from versions older than the saved step)."""
         if self.actor is None:
-            return {"pending": list(self._pending)}
-        return {"pending": self.actor.drain(self.trainer.global_step)}
+            return {"ranks": list(self._pending)}
+        pending = self.actor.drain(self.trainer.global_step)
+        world, _ = world_of(self.trainer)
+        if world > 1:
+            gathered: List[Optional[list]] = [None] * world
+            torch.distributed.all_gather_object(gathered, pending)
+            return {"ranks": gathered}
+        return {"ranks": [pending]}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        self._pending = list(state.get("pending", []))
+        self._pending = [list(p) for p in state.get("ranks", [])]

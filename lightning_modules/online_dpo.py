@@ -98,7 +98,6 @@ class OnlineRLHF(L.LightningModule):
         self.eval_history: List[Dict[str, float]] = []
         self.samples: List[Dict[str, str]] = []
         self.decode = None
-        self.timing = {"learner_start": None, "train_s": 0.0}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -160,8 +159,6 @@ class OnlineRLHF(L.LightningModule):
     def training_step(self, dataloader_iter):
         hp = self.hparams
         now = time.perf_counter()
-        if self.timing["learner_start"] is None:
-            self.timing["learner_start"] = now
         batch, _, _ = next(dataloader_iter)  # generated now, after publishing this step's weights
         got = time.perf_counter()
         B, k = batch["prompts"].shape[0], hp.k

@@ -64,7 +64,12 @@ def main() -> None:
     mean = lambda arm, k: statistics.mean(r[k] for r in by[arm])  # noqa: E731
     ratios = [a["updates_wall"] / s["updates_wall"] for a, s in zip(by["async"], by["sync"])]
     whole = [a["wall"] / s["wall"] for a, s in zip(by["async"], by["sync"])]
-    lines = [f"Toy Online DPO, {args.steps} updates of 64 prompts x 2 samples, seeds {args.seeds}, actor and learner "
+    lines = ["## Asynchronous RLHF: asynchronous against synchronous wall time (scripts/bench_async_rlhf.py)", "",
+             "The learner waits for generation in the synchronous run and the actor waits for each update; at "
+             "staleness 1 the actor generates batch t + 1 while the learner trains on batch t.  The updates' wall "
+             "time is from the first to the last update (the report's timing.csv); the whole fit adds start-up and "
+             "the final evaluation of 512 prompts.", "",
+             f"Toy Online DPO, {args.steps} updates of 64 prompts x 2 samples, seeds {args.seeds}, actor and learner "
              f"one thread each on this machine's cores. `{shown_command('bench_async_rlhf', sys.argv[1:])}`", "",
              "| | sync | async (staleness 1) |", "|---|---|---|",
              f"| wall time of the updates, s | {mean('sync', 'updates_wall'):.1f} | "

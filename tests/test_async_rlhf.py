@@ -141,6 +141,23 @@ def test_best_of_k_nll_picks_the_best_sample():
     assert seq.grad.tolist() == [0.0, -0.5, -0.5, 0.0]
 
 
+def test_eos_truncation_and_sampling_from_a_configured_hugging_face_model():
+    from lightning_modules.layers.causal_lm import build_lm, eos_mask, sample_responses
+
+    resp = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
+    mask, has_eos = eos_mask(resp, eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and has_eos.tolist() == [True, False]
+    torch.manual_seed(0)
+    model = build_lm({"kind": "hf_config", "config": {"model_type": "gpt2", "vocab_size": 6, "n_embd": 16,
+                                                      "n_layer": 1, "n_head": 2, "n_positions": 32}})
+    prompts, pmask = torch.tensor([[0, 3, 4], [5, 1, 3]]), torch.tensor([[0.0, 1, 1], [1, 1, 1]])
+    p, pm, a = sample_responses(model, prompts, pmask, 3, 12, 1.0, seed=7, eos_id=2, pad_id=0)
+    _, _, b = sample_responses(model, prompts, pmask, 3, 12, 1.0, seed=7, eos_id=2, pad_id=0)
+    assert torch.equal(a, b) and a.shape == (6, 12) and torch.equal(p[3], prompts[1])  # k-major per prompt
+    m, ended = eos_mask(a, 2)
+    assert ended.any() and (a[m == 0] == 0).all()  # a 6-token vocabulary ends some responses early; pad after EOS
+
+
 def test_toy_gold_reward_and_pack():
     prompts = torch.tensor([[0, 3, 7, 2]])
     perfect = torch.tensor([[1, 4, 0, 3, 1, 4, 0, 3]])

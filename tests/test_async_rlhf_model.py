@@ -62,8 +62,8 @@ def test_resume_equals_uninterrupted(recipe, extra, tmp_path):
               "--trainer.enable_progress_bar=false", "--model.init_args.response_length=5", *extra]
     assert main(["fit", *common, *run_dir_args(tmp_path / "a"), "--trainer.max_steps=6"]) == 0
     mid = tmp_path / "a" / "checkpoints" / "step0000003.ckpt"
-    pending = torch.load(mid, weights_only=False)["RLHFDataModule"]
-    assert len(pending["pending"]) == (1 if not extra else 2)  # the batches made from versions older than step 3
+    pending = torch.load(mid, weights_only=False)["RLHFDataModule"]["ranks"]
+    assert len(pending) == 1 and len(pending[0]) == (1 if not extra else 2)  # the batches made from versions older than step 3
     assert main(["fit", *common, *run_dir_args(tmp_path / "b"), "--trainer.max_steps=6", f"--ckpt_path={mid}"]) == 0
     a = torch.load(tmp_path / "a" / "checkpoints" / "step0000006.ckpt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "step0000006.ckpt", weights_only=False)
@@ -139,3 +139,66 @@ def test_bad_input_is_one_line(extra, needle, tmp_path, capsys):
     code = main(["fit", "--config", "recipes/online_dpo_toy.yaml", *run_dir_args(tmp_path), *extra])
     assert code == 2
     assert needle in one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    from tests.helpers import signal_and_resume
+
+    common = ["fit", "--config", "recipes/online_dpo_toy_async.yaml", "--data.init_args.batch_size=8",
+              "--data.init_args.eval_prompts=0", "--trainer.max_steps=8", "--trainer.enable_progress_bar=false",
+              "--model.init_args.response_length=5"]
+    signal_and_resume(tmp_path, common, signal_at=3, callbacks_yaml="    - class_path: callbacks.rlhf_report.RLHFReport\n")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_the_actor_ends_with_the_run_on_ctrl_c_and_sigterm(sig, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "recipes", "fit", "--config", "recipes/online_dpo_toy_async.yaml",
+                             *run_dir_args(tmp_path), "--trainer.max_steps=100000", "--data.init_args.eval_prompts=0",
+                             "--trainer.enable_progress_bar=false"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, actor = time.time() + 120, None
+    while actor is None and time.time() < deadline and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        actor = next((k for k in kids if "spawn_main" in " ".join(k.cmdline())), None)
+        time.sleep(0.2)
+    assert actor is not None, "no actor process"
+    time.sleep(2.0)  # training
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    gone, _ = psutil.wait_procs([actor], timeout=15)
+    assert gone, f"the actor outlived the run after {sig}"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_sample_their_own_prompts_and_resume_exactly(tmp_path):
+    """Two CPU processes (gloo), each with its own actor: different prompts per rank, the checkpoint holds both ranks'
+    batches in flight, and a resumed two-process run equals the uninterrupted one."""
+    from tests.helpers import run_cli
+
+    common = ["fit", "--config", "recipes/online_dpo_toy_async.yaml", "--data.init_args.batch_size=8",
+              "--data.init_args.eval_prompts=0", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+              "--trainer.devices=2", "--trainer.strategy=ddp", "--checkpoint.every_n_train_steps=2",
+              "--checkpoint.save_top_k=-1", "--model.init_args.response_length=5", "--trainer.max_steps=4"]
+    env = {"OMP_NUM_THREADS": "1"}
+    a = run_cli([*common, *run_dir_args(tmp_path / "a")], env=env)
+    assert a.returncode == 0, a.stderr[-3000:]
+    mid = tmp_path / "a" / "checkpoints" / "step0000002.ckpt"
+    ranks = torch.load(mid, weights_only=False)["RLHFDataModule"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0][0]["prompts"], ranks[1][0]["prompts"])
+    b = run_cli([*common, *run_dir_args(tmp_path / "b"), f"--ckpt_path={mid}"], env=env)
+    assert b.returncode == 0, b.stderr[-3000:]
+    sa = torch.load(tmp_path / "a" / "checkpoints" / "step0000004.ckpt", weights_only=False)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "checkpoints" / "step0000004.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, sb[k]) for k, v in sa.items())

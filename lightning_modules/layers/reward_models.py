@@ -82,7 +82,7 @@ def fit_bradley_terry(rm: BradleyTerryRM, prompts, prompt_mask, responses, respo
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {"loss": float(loss), "accuracy": float(acc), "pairs": int(len(chosen))}
+    return {"loss": float(loss.detach()), "accuracy": float(acc), "pairs": int(len(chosen))}
 
 
 class FolderRM(nn.Module):
