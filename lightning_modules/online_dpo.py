@@ -8,20 +8,25 @@ trained on gold-labelled pairs before the first update).  Responses come from th
 (``datamodules.rlhf_actor``) stamped with the policy version that made them; ``loss``:
 
 * ``online_dpo`` / ``ipo``: best vs worst of the ``k`` samples by reward, ``-log sigmoid(beta h)`` / IPO, no
-  behaviour log-probabilities (ties kept in the mean as the official code; ``mask_ties`` drops them);
+  behaviour log-probabilities.  A tie picks the same sample twice (loss log 2, no gradient), as the official
+  asynchronous (vLLM) trainer; ``mask_ties`` drops ties from the mean instead.  (The official synchronous trainer
+  takes sample 0 over sample 1 on a tie, a pair with an arbitrary gradient; not offered.)
 * ``rloo``: leave-one-out advantage of ``score - kl_coef * KL``, PPO-clip on the sequence ratio to the behaviour
   policy;
 * ``ppo``: TRL PPOv2 with a critic (a copy of the initial policy with a zero value head; TRL starts it from the
   reward model), GAE over tokens, per-token KL penalty, clipped policy and value losses.  The values (and so GAE and
   the value clip's centre) come from the critic at update time: TRL computes them when the batch is generated, which
-  differs only when a batch is used after other updates (N > 1 or asynchronous);
+  differs only when a batch is used after other updates (N > 1 or asynchronous).  The score is added at the last
+  response token (TRL adds it one position later, past EOS, where it also trains the value: the same returns once the
+  critic fits), and advantages are whitened per training batch (TRL: per generation batch);
 * ``best_of_2``: NLL of the better sample.
 
 Log-probabilities are taken at the sampling temperature (logits / T), as the official code.  Validation samples one
-response per held-out prompt at the sampling temperature: gold reward, KL to the reference
-(``sum_t log pi - log ref`` on the samples), win-rate against the reference responses (the data's, or the reference
-policy's samples on the same prompts; ties count half) and a few decoded samples, kept in ``eval_history`` for the
-report (``callbacks.rlhf_report``).
+response per held-out prompt at ``eval_temperature`` (default: the sampling temperature; the official TL;DR
+evaluation uses 0.01): gold reward, win-rate against the reference responses (the data's, or the reference policy's
+samples on the same prompts; ties count half), a few decoded samples; and the KL to the reference,
+``sum_t log pi - log ref`` on samples at the sampling temperature (drawn separately when ``eval_temperature``
+differs).  All kept in ``eval_history`` for the report (``callbacks.rlhf_report``).
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ class OnlineRLHF(L.LightningModule):
                  non_eos_penalty: bool = False, penalty_reward: float = -1.0, proxy_pairs: int = 4096,
                  proxy_steps: int = 300, lr: float = 3e-3, lr_decay: str = "constant", weight_decay: float = 0.0,
                  adam_eps: float = 1e-8,
-                 num_samples_logged: int = 8):
+                 num_samples_logged: int = 8, eval_temperature: Optional[float] = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}; expected one of {', '.join(LOSSES)}")
@@ -76,6 +81,8 @@ class OnlineRLHF(L.LightningModule):
             raise ValueError(f"model.beta must be > 0, got {beta}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if eval_temperature is not None and not eval_temperature > 0:
+            raise ValueError(f"model.eval_temperature must be > 0, got {eval_temperature}")
         if lr_decay not in ("constant", "linear"):
             raise ValueError(f"model.lr_decay={lr_decay!r}; expected constant or linear (to 0 at trainer.max_steps)")
         if response_length < 1:
@@ -220,19 +227,25 @@ class OnlineRLHF(L.LightningModule):
         hp = self.hparams
         prompts, mask = batch["prompts"].to(self.device), batch["prompt_mask"].to(self.device)
         out = {}
-        _, _, resp = sample_responses(self.policy, prompts, mask, 1, hp.response_length, hp.temperature, seed,
+        T_eval = hp.eval_temperature or hp.temperature
+        _, _, resp = sample_responses(self.policy, prompts, mask, 1, hp.response_length, T_eval, seed,
                                       self.eos_id, self.pad_id)
         rmask, has_eos = eos_mask(resp, self.eos_id)
         gold = self._scores(self.gold_model, prompts, mask, resp, rmask, has_eos)
-        lp, _ = lm_forward(self.policy, prompts, mask, resp, rmask)
-        lr, _ = lm_forward(self.ref, prompts, mask, resp, rmask)
-        kl = (response_logprobs(lp.float(), resp, rmask, hp.temperature)
-              - response_logprobs(lr.float(), resp, rmask, hp.temperature)).sum(-1)
+        kl_resp, kl_mask = resp, rmask
+        if T_eval != hp.temperature:
+            _, _, kl_resp = sample_responses(self.policy, prompts, mask, 1, hp.response_length, hp.temperature, seed,
+                                             self.eos_id, self.pad_id)
+            kl_mask, _ = eos_mask(kl_resp, self.eos_id)
+        lp, _ = lm_forward(self.policy, prompts, mask, kl_resp, kl_mask)
+        lr, _ = lm_forward(self.ref, prompts, mask, kl_resp, kl_mask)
+        kl = (response_logprobs(lp.float(), kl_resp, kl_mask, hp.temperature)
+              - response_logprobs(lr.float(), kl_resp, kl_mask, hp.temperature)).sum(-1)
         if "references" in batch:
             ref_resp, ref_mask = batch["references"].to(self.device), batch["reference_mask"].to(self.device)
             ref_eos = torch.ones(len(ref_resp), dtype=torch.bool, device=self.device)
         else:
-            _, _, ref_resp = sample_responses(self.ref, prompts, mask, 1, hp.response_length, hp.temperature, seed,
+            _, _, ref_resp = sample_responses(self.ref, prompts, mask, 1, hp.response_length, T_eval, seed,
                                               self.eos_id, self.pad_id)
             ref_mask, ref_eos = eos_mask(ref_resp, self.eos_id)
         gold_ref = self._scores(self.gold_model, prompts, mask, ref_resp, ref_mask, ref_eos)
@@ -282,8 +295,8 @@ class OnlineRLHF(L.LightningModule):
         """One sample per prompt: ``[{"prompt", "response", "gold"}]`` (decoded text, or token ids for the toy)."""
         hp = self.hparams
         prompts, mask = batch["prompts"].to(self.device), batch["prompt_mask"].to(self.device)
-        _, _, resp = sample_responses(self.policy, prompts, mask, 1, hp.response_length, hp.temperature, batch_idx,
-                                      self.eos_id, self.pad_id)
+        _, _, resp = sample_responses(self.policy, prompts, mask, 1, hp.response_length,
+                                      hp.eval_temperature or hp.temperature, batch_idx, self.eos_id, self.pad_id)
         rmask, has_eos = eos_mask(resp, self.eos_id)
         gold = self._scores(self.gold_model, prompts, mask, resp, rmask, has_eos)
         decode = self.decode or (lambda ids: " ".join(str(int(i)) for i in ids))

@@ -8,9 +8,9 @@ loss on the toy task at off-policyness N in {1, 4, 16, 64} over seeds, to docs/r
 ``--axis N`` (default) is the paper's controlled staleness (``num_mini_batches``, synchronous): every N updates the
 actor generates N batches with the current policy, so batch i of a round is i updates old and the total samples and
 updates do not change with N.  ``--axis lag`` is the asynchronous pipeline at depth L (``staleness``): every batch
-is L updates old.  Every run: the toy recipe of its loss (400 updates of 64 prompts), the final gold reward and KL of
-one sample per prompt on 512 held-out prompts.  Runs already finished in ``--out`` are reused; ``--jobs`` at a time,
-one thread per process.
+is L updates old.  Every run: the toy recipe of its loss (400 updates of 64 prompts), gold reward and KL of one sample
+per prompt on 512 held-out prompts every 100 updates (the tables: the last; the curves: all).  Runs already finished
+in ``--out`` are reused; ``--jobs`` at a time, one thread per process.
 
 Claims (means over seeds): reward(Online DPO, N = 64) >= 0.9 x reward(Online DPO, N = 1) and reward(RLOO, N = 64) <
 0.7 x reward(RLOO, N = 1); PPO and best-of-2 are reported.
@@ -50,16 +50,18 @@ def run_one(loss: str, n: int, seed: int, args) -> Dict:
                    else [f"--data.init_args.staleness={n}", "--data.init_args.sync=false"])
         _, seconds = fit_run([f"recipes/{recipe}.yaml"], run_dir, [
             f"--seed_everything={seed}", f"--trainer.max_steps={args.steps}",
-            f"--data.init_args.steps_per_epoch={args.steps}", *setting, *extra])
+            f"--data.init_args.steps_per_epoch={args.eval_every}", *setting, *extra])
         (logs / "done").write_text(f"{seconds:.1f}\n")
     with open(logs / "rlhf_eval.csv") as fh:
-        last = list(csv.DictReader(fh))[-1]
+        history = list(csv.DictReader(fh))
+    last = history[-1]
     with open(logs / "training.csv") as fh:
         train = list(csv.DictReader(fh))
     return {"loss": loss, "n": n, "seed": seed, "gold": float(last["gold"]), "kl": float(last["kl"]),
             "win_rate": float(last["win_rate"]), "steps": int(last["step"]),
             "staleness": statistics.mean(float(r["staleness"]) for r in train),
-            "seconds": float((logs / "done").read_text())}
+            "seconds": float((logs / "done").read_text()),
+            "curve": [(int(r["step"]), float(r["gold"]), float(r["kl"])) for r in history]}
 
 
 def mean(rows: List[Dict], key: str) -> float:
@@ -99,7 +101,13 @@ def write(rows: List[Dict], args, command: str) -> str:
                          f"{mean(c, 'staleness'):.1f} |")
     lines.append("")
     plot(cells, losses, ns, args.axis, ROOT / "docs" / f"async_rlhf_{args.axis}.png")
+    curves(rows, losses, ns, args.axis, ROOT / "docs" / f"async_rlhf_{args.axis}_curves")
     lines.append(f"![reward and KL against {args.axis}](async_rlhf_{args.axis}.png)")
+    lines.append("")
+    lines.append(f"Gold reward and KL over updates, per loss and {args.axis} (means over seeds; the numbers: "
+                 f"`async_rlhf_{args.axis}_curves.csv`):")
+    lines.append("")
+    lines.append(f"![gold reward and KL over updates](async_rlhf_{args.axis}_curves.png)")
     lines.append("")
     return write_checked_section(f"async_rlhf_{args.axis}", lines, verdict(cells), RESULTS)
 
@@ -124,6 +132,37 @@ def plot(cells, losses, ns, axis: str, path: Path) -> None:
     save_figure(fig, str(path))
 
 
+def curves(rows: List[Dict], losses, ns, axis: str, stem: Path) -> None:
+    """Every run's evaluations (CSV) and the seed means of gold reward and KL over updates, one panel per loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(f"{stem}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["loss", axis, "seed", "step", "gold", "kl"])
+        for r in rows:
+            for step, gold, kl in r["curve"]:
+                w.writerow([r["loss"], r["n"], r["seed"], step, gold, kl])
+    fig, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 5.6), squeeze=False)
+    for j, loss in enumerate(losses):
+        for n in ns:
+            runs = [r["curve"] for r in rows if r["loss"] == loss and r["n"] == n]
+            if not runs:
+                continue
+            steps = [p[0] for p in runs[0]]
+            for i, col in ((0, 1), (1, 2)):
+                axes[i][j].plot(steps, [statistics.mean(run[k][col] for run in runs) for k in range(len(steps))],
+                                "o-", label=f"{axis} = {n}")
+        axes[0][j].set_title(LOSSES[loss][2], fontsize=8)
+        axes[1][j].set_xlabel("updates")
+    axes[0][0].set_ylabel("gold reward")
+    axes[1][0].set_ylabel("KL to the reference")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, f"{stem}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--axis", choices=list(AXES), default="N")
@@ -131,6 +170,7 @@ def main() -> None:
     ap.add_argument("--values", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=100, help="updates between evaluations")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "async_rlhf_compare")
     args = ap.parse_args()

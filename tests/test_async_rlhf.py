@@ -255,3 +255,21 @@ def test_the_actor_ends_when_the_learner_is_killed(tmp_path):
     while worker_pids_alive([pid]) and time.time() < deadline:
         time.sleep(0.05)
     assert not worker_pids_alive([pid])
+
+
+def test_critic_values_and_policy_logits_at_token_t_do_not_see_token_t():
+    """The value of response position t is read where the logits predicting y_t are: before y_t (TRL's PPO)."""
+    from lightning_modules.layers.causal_lm import TinyGRULM, lm_forward
+    from lightning_modules.online_dpo import Critic
+
+    torch.manual_seed(0)
+    critic, policy = Critic(TinyGRULM()), TinyGRULM()
+    torch.nn.init.normal_(critic.head.weight)
+    prompts, pmask, ones = torch.randint(0, 8, (1, 4)), torch.ones(1, 4), torch.ones(1, 8)
+    a = torch.randint(0, 8, (1, 8))
+    b = a.clone()
+    b[0, 3] = (a[0, 3] + 1) % 8
+    dv = (critic(prompts, pmask, a, ones) - critic(prompts, pmask, b, ones)).abs()[0]
+    dl = (lm_forward(policy, prompts, pmask, a, ones)[0] - lm_forward(policy, prompts, pmask, b, ones)[0]).abs()
+    assert dv[:4].max() == 0 and dv[4:].min() > 0
+    assert dl[0, :4].max() == 0 and dl[0, 4:].max() > 0

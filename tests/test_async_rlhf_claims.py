@@ -20,7 +20,7 @@ def cells(tmp_path_factory):
     from scripts.async_rlhf_compare import run_one
 
     out = Path(os.environ.get("ASYNC_RLHF_COMPARE_OUT") or tmp_path_factory.mktemp("async_rlhf_compare"))
-    args = argparse.Namespace(out=out, steps=400, axis="N")
+    args = argparse.Namespace(out=out, steps=400, axis="N", eval_every=100)
     os.environ["OMP_NUM_THREADS"] = "1"
     tasks = [(loss, n, seed) for seed in (0, 1) for loss in ("online_dpo", "rloo") for n in (1, 64)]
     with ThreadPoolExecutor(2) as pool:

@@ -78,14 +78,15 @@ def is_hf(model: nn.Module) -> bool:
 def lm_forward(model: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor, hidden: bool = False):
     """Prompts (n, P) left-padded and responses (n, L): the logits (n, L, V) that predict the response tokens and,
-    with ``hidden``, the last layer's states (n, L, H) at the response tokens."""
+    with ``hidden``, the last layer's states (n, L, H) they are computed from (the state before each response token,
+    where a critic values the choice of that token, as TRL's PPO)."""
     tokens = torch.cat([prompts, responses], 1)
     attn = torch.cat([prompt_mask, response_mask], 1).long()
     positions = (attn.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=tokens, attention_mask=attn, position_ids=positions, output_hidden_states=hidden)
     P = prompts.shape[1]
     logits = out.logits[:, P - 1:-1]
-    states = out.hidden_states[-1][:, P:] if hidden else None
+    states = out.hidden_states[-1][:, P - 1:-1] if hidden else None
     return logits, states
 
 
@@ -116,10 +117,15 @@ def sample_responses(model: nn.Module, prompts: torch.Tensor, prompt_mask: torch
     pm = prompt_mask.repeat_interleave(k, 0)
     device = p.device
     if is_hf(model):
+        from transformers import GenerationConfig
+
+        # a complete config: nothing from the model folder's generation_config.json (a repetition penalty, top-k)
+        # may change the samples away from the plain temperature sampling whose log-probabilities we record
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=length,
+                                  min_new_tokens=length if eos_id is None else 0, eos_token_id=eos_id,
+                                  pad_token_id=pad_id)
         torch.manual_seed(seed)
-        out = model.generate(input_ids=p, attention_mask=pm.long(), do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, max_new_tokens=length, min_new_tokens=length if eos_id is None else 0,
-                             eos_token_id=eos_id, pad_token_id=pad_id)
+        out = model.generate(input_ids=p, attention_mask=pm.long(), generation_config=config)
         resp = out[:, p.shape[1]:]
         if resp.shape[1] < length:
             resp = torch.cat([resp, resp.new_full((len(resp), length - resp.shape[1]), pad_id)], 1)
