@@ -11,6 +11,11 @@ FL asks for a model whose loss on *every* training sample is at most ``epsilon``
    that a slack of cost ``alpha/2 |u|^2`` gives);
 2. primal loss with the *updated* multipliers and the same forward: ``sum_i lambda_i * loss_i`` (``reduction="sum"``,
    Cooper's Lagrangian, the default) or its batch mean (``"mean"``, the authors' DPO code).  No ERM term.
+   ``update_order="simultaneous"`` uses the multipliers from *before* this step's dual update instead (the authors'
+   DPO code); ``"dual_first"`` (the default) is the vision code's order above.
+
+``mode="cserm"`` is the paper's clamped-squared ERM baseline on the same recipe: the primal loss is
+``mean_i relu(loss_i - epsilon)^2`` and no multiplier moves (they stay at ``init``; the statistics still log).
 
 The module opts in with ``lightning_modules.layers.sample_losses.PerSampleLoss``; the datamodule's items carry their
 index in the training set (``with_index=true``).  Under gradient accumulation the multipliers are updated per
@@ -30,6 +35,8 @@ import lightning as L
 import torch
 
 REDUCTIONS = ("sum", "mean")
+UPDATE_ORDERS = ("dual_first", "simultaneous")
+MODES = ("fl", "cserm")
 
 
 def dual_step_(lam: torch.Tensor, index: torch.Tensor, violation: torch.Tensor, dual_lr: float,
@@ -63,6 +70,8 @@ class FeasibleLearning(L.Callback):
         resilient_alpha: Optional[float] = None,
         init: float = 0.0,
         reduction: str = "sum",
+        update_order: str = "dual_first",
+        mode: str = "fl",
     ):
         if (epsilon is None) == (target_probability is None):
             raise ValueError("FeasibleLearning needs exactly one of epsilon (loss bound) and target_probability "
@@ -81,8 +90,13 @@ class FeasibleLearning(L.Callback):
             raise ValueError(f"FeasibleLearning init must be >= 0 (multipliers are non-negative), got {init}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"FeasibleLearning reduction={reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"FeasibleLearning update_order={update_order!r}; expected one of "
+                             f"{', '.join(UPDATE_ORDERS)}")
+        if mode not in MODES:
+            raise ValueError(f"FeasibleLearning mode={mode!r}; expected one of {', '.join(MODES)}")
         self.epsilon, self.dual_lr, self.resilient_alpha = float(epsilon), dual_lr, resilient_alpha
-        self.init, self.reduction = init, reduction
+        self.init, self.reduction, self.update_order, self.mode = init, reduction, update_order, mode
         self.lam: Optional[torch.Tensor] = None
         self._scratch: Optional[torch.Tensor] = None  # per-sample sums / counts for dual_step_ (not checkpointed)
         self._trainer: Optional[L.Trainer] = None
@@ -152,14 +166,19 @@ class FeasibleLearning(L.Callback):
             # out-of-range id fails the indexing kernel there instead
             raise ValueError(f"sample index out of range [0, {len(self.lam)}): got {int(index.min())}.."
                              f"{int(index.max())}; indices must be positions in the training set")
-        all_index, violation = self._gather(index, losses.detach().float() - self.epsilon)
+        all_index, violation = self._gather(index, losses.detach().to(self.lam.dtype) - self.epsilon)
         dual_step_(self.lam, all_index, violation, self.dual_lr, self.resilient_alpha, self._scratch)
 
     def primal_loss(self, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The reducer installed on the module: dual step on the batch, then the Lagrangian's primal part."""
+        """The reducer installed on the module: dual step on the batch, then the Lagrangian's primal part (with the
+        multipliers after the step, or before it for ``update_order="simultaneous"``); CSERM: its clamped square."""
         index = index.to(device=losses.device, dtype=torch.long)
+        if self.mode == "cserm":
+            return torch.relu(losses - self.epsilon).pow(2).mean()
+        before = self.lam[index].clone() if self.update_order == "simultaneous" and self.lam is not None else None
         self._dual_update(losses, index)
-        weighted = self.lam[index].to(losses.dtype) * losses
+        lam = self.lam[index] if before is None else before.to(self.lam.device)
+        weighted = lam.to(losses.dtype) * losses
         if self.reduction == "mean":
             return weighted.mean()
         world = self._trainer.world_size if self._trainer is not None else 1
@@ -178,7 +197,7 @@ class FeasibleLearning(L.Callback):
     def state_dict(self) -> dict:
         return {"lam": None if self.lam is None else self.lam.detach().cpu().clone(), "epsilon": self.epsilon,
                 "dual_lr": self.dual_lr, "resilient_alpha": self.resilient_alpha, "init": self.init,
-                "reduction": self.reduction}
+                "reduction": self.reduction, "update_order": self.update_order, "mode": self.mode}
 
     def load_state_dict(self, state_dict: dict) -> None:
         lam = state_dict.get("lam")

@@ -167,18 +167,19 @@ def test_the_actor_ends_with_the_run_on_ctrl_c_and_sigterm(sig, tmp_path):
                              *run_dir_args(tmp_path), "--trainer.max_steps=100000", "--data.init_args.eval_prompts=0",
                              "--trainer.enable_progress_bar=false"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, actor = time.time() + 120, None
     while actor is None and time.time() < deadline and proc.poll() is None:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-        actor = next((k for k in kids if "spawn_main" in " ".join(k.cmdline())), None)
+        kids = psutil.Process(proc.pid).children(recursive=True)  # the actor is forked by the fork server
+        actor = next((k for k in kids if "forkserver" in " ".join(k.parent().cmdline())), None)
         time.sleep(0.2)
     assert actor is not None, "no actor process"
     time.sleep(2.0)  # training
-    proc.send_signal(getattr(signal, sig))
-    proc.wait(timeout=60)
+    os.killpg(proc.pid, getattr(signal, sig))  # to the whole process group, as Ctrl-C or a scheduler does
+    _, err = proc.communicate(timeout=60)
     gone, _ = psutil.wait_procs([actor], timeout=15)
     assert gone, f"the actor outlived the run after {sig}"
+    assert "Traceback" not in err, err[-2000:]
 
 
 @pytest.mark.slow

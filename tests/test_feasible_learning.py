@@ -62,6 +62,35 @@ def test_mean_reduction_is_the_batch_mean_of_the_weighted_losses():
     torch.testing.assert_close(fl_sum.primal_loss(losses, torch.tensor([4, 0, 2])), (lam * losses.detach()).sum())
 
 
+@pytest.mark.parametrize("order", ["dual_first", "simultaneous"])
+def test_both_update_orders_against_a_hand_computation_with_the_dpo_settings(order):
+    """The authors' DPO settings: lambda init 1, mean reduction, alpha 1, dual lr 1; float64."""
+    fl = FeasibleLearning(epsilon=0.3, dual_lr=1.0, resilient_alpha=1.0, init=1.0, reduction="mean",
+                          update_order=order)
+    fl.lam = torch.ones(5, dtype=torch.float64)
+    losses = torch.tensor([0.1, 0.9, 2.0], dtype=torch.float64, requires_grad=True)
+    out = fl.primal_loss(losses, torch.tensor([3, 0, 1]))
+    # lambda <- max(0, lambda + 1.0 * (loss - 0.3 - lambda / 1.0)) = max(0, loss - 0.3)
+    after = [max(0.0, 1.0 + (x - 0.3 - 1.0)) for x in (0.1, 0.9, 2.0)]
+    assert fl.lam[[3, 0, 1]].tolist() == pytest.approx(after, abs=1e-15)
+    assert fl.lam[[2, 4]].tolist() == [1.0, 1.0]
+    used = after if order == "dual_first" else [1.0, 1.0, 1.0]
+    assert out.item() == pytest.approx(sum(a * x for a, x in zip(used, (0.1, 0.9, 2.0))) / 3, rel=1e-15)
+    out.backward()
+    assert losses.grad.tolist() == pytest.approx([a / 3 for a in used], rel=1e-15)
+
+
+def test_cserm_is_the_mean_clamped_square_and_moves_no_multiplier():
+    fl = FeasibleLearning(epsilon=0.5, dual_lr=1.0, init=0.0, mode="cserm")
+    fl.lam = torch.zeros(4, dtype=torch.float64)
+    losses = torch.tensor([0.1, 0.9, 2.0], dtype=torch.float64, requires_grad=True)
+    out = fl.primal_loss(losses, torch.tensor([0, 1, 2]))
+    assert out.item() == pytest.approx((0.0 + 0.4 ** 2 + 1.5 ** 2) / 3, rel=1e-15)
+    out.backward()
+    assert losses.grad.tolist() == pytest.approx([0.0, 2 * 0.4 / 3, 2 * 1.5 / 3], rel=1e-15)
+    assert fl.lam.tolist() == [0.0] * 4
+
+
 def test_epsilon_from_target_probability_and_bad_config():
     assert FeasibleLearning(target_probability=0.6).epsilon == pytest.approx(math.log(1 / 0.6))
     cases = [(dict(epsilon=-0.1), "epsilon must be >= 0, got -0.1"),
@@ -69,6 +98,8 @@ def test_epsilon_from_target_probability_and_bad_config():
              (dict(epsilon=0.5, resilient_alpha=-1.0), "resilient_alpha must be > 0"),
              (dict(epsilon=0.5, init=-1.0), "init must be >= 0"),
              (dict(epsilon=0.5, reduction="max"), "reduction='max'"),
+             (dict(epsilon=0.5, update_order="primal_first"), "update_order='primal_first'"),
+             (dict(epsilon=0.5, mode="erm"), "mode='erm'"),
              (dict(), "exactly one of epsilon"),
              (dict(epsilon=0.5, target_probability=0.6), "exactly one of epsilon"),
              (dict(target_probability=1.5), "target_probability must be in")]
