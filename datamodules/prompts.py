@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -16,31 +16,40 @@ from torch.utils.data import Dataset
 from lightning_modules.layers.generation import left_pad
 
 
-def read_prompts(path: str) -> List[str]:
+def read_prompt_rows(path: str, extra: Sequence[str] = ()) -> List[Dict[str, Optional[str]]]:
+    """``{"prompt": text, key: value or None for key in extra}`` per prompt; plain-text files have no extra fields."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a text file with one prompt per line "
                                 "or a .jsonl file of {\"prompt\": ...} objects")
-    prompts = []
+    rows = []
     with open(path, encoding="utf-8") as fh:
         lines = fh.read().splitlines()
     for n, line in enumerate(lines, 1):
+        row: Dict[str, Optional[str]] = {}
         if path.endswith(".jsonl"):
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)["prompt"]
-            except (ValueError, KeyError, TypeError) as err:
+                obj = json.loads(line)
+                text = obj["prompt"]
+                row = {key: obj.get(key) for key in extra}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string ({err})") from None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{n}: \"prompt\" must be a string, got {type(text).__name__}")
         else:
             text = line.replace("\\n", "\n").replace("\\t", "\t")
+            row = {key: None for key in extra}
         if not text.strip():
             raise ValueError(f"{path}:{n}: empty prompt; every line must hold a prompt (remove blank lines)")
-        prompts.append(text)
-    if not prompts:
+        rows.append({"prompt": text, **row})
+    if not rows:
         raise ValueError(f"prompt file {path!r} holds no prompt")
-    return prompts
+    return rows
+
+
+def read_prompts(path: str) -> List[str]:
+    return [row["prompt"] for row in read_prompt_rows(path)]
 
 
 class PromptDataset(Dataset):

@@ -13,13 +13,14 @@ Text is encoded with a local tokenizer folder (``datamodules.text_tokenizers.HFT
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
+
+from datamodules.prompts import read_prompt_rows
 
 TOY_VOCAB, TOY_PROMPT, TOY_RESPONSE = 8, 4, 8
 
@@ -42,25 +43,8 @@ def toy_prompts(n: int, seed: int) -> torch.Tensor:
 
 
 def read_jsonl(path: str) -> List[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a .jsonl file of "
-                                "{\"prompt\": ..., \"reference\": ...} objects")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["prompt"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string ({err})") from None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: \"prompt\" must be a non-empty string")
-            rows.append({"prompt": text, "reference": row.get("reference")})
-    if not rows:
-        raise ValueError(f"prompt file {path!r} holds no prompt")
-    return rows
+    """``{"prompt", "reference"}`` rows of a JSONL file (or a text file of prompts, without references)."""
+    return read_prompt_rows(path, extra=("reference",))
 
 
 def read_hf_disk(path: str, split: str, prompt_column: str = "query",
