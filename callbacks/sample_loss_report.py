@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 
 from callbacks.run_files import run_dir, whole
 
@@ -69,7 +69,7 @@ def per_sample_pass(pl_module, loader) -> Dict[str, torch.Tensor]:
     losses, correct, index = [], [], []
     try:
         for batch in loader:
-            batch = [t.to(pl_module.device) if torch.is_tensor(t) else t for t in batch]
+            batch = move_data_to_device(batch, pl_module.device)  # tuples (x, y, index) and dicts alike
             out = pl_module.sample_losses(batch)
             losses.append(out["loss"].float().cpu())
             if "correct" in out:

@@ -173,6 +173,11 @@ def recipe_data_args(recipe, tmp_path):
                 f"--model.init_args.gold.path={T / 'rm'}", f"--data.init_args.train_path={T / 'tldr'}",
                 "--data.init_args.actor_device=cpu", "--data.init_args.eval_batch_size=4",
                 "--model.init_args.response_length=5", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+    if "datamodules.preference_pairs" in text and "source: hf_disk" in text:  # the GPU recipe on tiny folders, CPU
+        T = write_tiny_preferences(tmp_path / "pairs")
+        return [f"--model.init_args.policy.path={T / 'policy'}", f"--data.init_args.tokenizer={T / 'tokenizer'}",
+                f"--data.init_args.train_path={T / 'orca'}", "--trainer.accelerator=cpu",
+                "--trainer.precision=32-true", "--trainer.accumulate_grad_batches=2"]
     if "datamodules.dualformer_data" in text:  # a few mazes generated in the test's folder, short answers
         return [f"--data.init_args.data_dir={tmp_path / 'mazes'}", "--data.init_args.n_train=64",
                 "--data.init_args.n_test=8", "--data.init_args.processes=1", "--model.init_args.max_new_tokens=24",
@@ -482,4 +487,42 @@ def write_tiny_rlhf(root, n_train=24, n_val=6):
     as_tldr = lambda part: Dataset.from_dict({"query": [r["prompt"] for r in part],  # noqa: E731
                                               "reference_response": [r["reference"] for r in part]})
     DatasetDict(train=as_tldr(rows[:n_train]), validation=as_tldr(rows[n_train:])).save_to_disk(str(root / "tldr"))
+    return root
+
+
+ORCA_COLUMNS = ("system", "input", "chosen", "rejected", "status", "chosen_score", "in_gsm8k_train")
+
+
+def write_tiny_preferences(root, n=40):
+    """``write_tiny_rlhf``'s tokenizer and GPT-2 policy, plus preference pairs: ``train.jsonl`` / ``val.jsonl``
+    (``prompt`` / ``chosen`` / ``rejected``, some with a ``system``), ``orca`` (a ``save_to_disk`` dataset in the
+    layout of ``argilla/distilabel-intel-orca-dpo-pairs``, where every fifth row is a tie, a low score or a GSM8K
+    question that the authors' filter drops) and ``tokenizer_chat`` (the tokenizer with a chat template and a BOS
+    token).
+    Returns the folder."""
+    import json
+    import random
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    root = Path(write_tiny_rlhf(root))
+    rng = random.Random(1)
+    words = [f"w{i}" for i in range(20)]
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    rows = []
+    for i in range(n):
+        bad = i % 5 == 4
+        rows.append({"system": say(2) if i % 2 else "", "input": say(rng.randint(2, 6)), "chosen": say(3),
+                     "rejected": say(rng.randint(1, 4)), "status": "tie" if bad and i % 3 == 0 else "unanimous",
+                     "chosen_score": 7.0 if bad and i % 3 == 1 else 9.0, "in_gsm8k_train": bad and i % 3 == 2})
+    Dataset.from_dict({c: [r[c] for r in rows] for c in ORCA_COLUMNS}).save_to_disk(str(root / "orca"))
+    as_pair = lambda r: {"prompt": r["input"], "chosen": r["chosen"], "rejected": r["rejected"],  # noqa: E731
+                         **({"system": r["system"]} if r["system"] else {})}
+    (root / "train.jsonl").write_text("".join(json.dumps(as_pair(r)) + "\n" for r in rows[: n - 10]))
+    (root / "val.jsonl").write_text("".join(json.dumps(as_pair(r)) + "\n" for r in rows[n - 10:]))
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True, bos_token="[EOS]")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    tok.save_pretrained(root / "tokenizer_chat")
     return root

@@ -10,8 +10,8 @@ import torch
 from tests.helpers import ROOT
 
 
-@pytest.mark.parametrize("mode", [pytest.param("cb", marks=pytest.mark.slow), "ab",  # ab: its own all-reduce
-                                  pytest.param("random", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a multi-process check (developers' guide: run before resolving, not in the default suite)
+@pytest.mark.parametrize("mode", ["cb", "ab", "random"])
 def test_two_ranks_pick_the_same_bmus_and_stay_identical(tmp_path, mode):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cbsom_ddp_run.py"), str(tmp_path), "2", mode, "6"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -3,6 +3,7 @@ whole global batch, so the replicas are identical, and equal to one process trai
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.helpers import ROOT
@@ -16,6 +17,7 @@ def run(out, devices, local_batch, steps=25):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 
 
+@pytest.mark.slow  # a multi-process check (developers' guide: run before resolving, not in the default suite)
 def test_two_rank_lambda_replicas_are_identical_and_equal_one_process(tmp_path):
     r0, r1 = run(tmp_path / "ddp", 2, 16)
     (single,) = run(tmp_path / "one", 1, 32)  # the same global batches: rank r takes permutation[r::2]

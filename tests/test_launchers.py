@@ -10,6 +10,7 @@ import torch
 from tests.helpers import ROOT, run_cli, run_dir_args
 
 
+@pytest.mark.slow  # a multi-process check (developers' guide: run before resolving, not in the default suite)
 def test_torchrun_launcher_two_cpu_processes_equal_one_process(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "torchrun"

@@ -10,7 +10,8 @@ including the first EOS); sequence log-probabilities are sums over masked tokens
   sampling scale).
 * ``select_pairs``: chosen = argmax, rejected = argmin of the ``k`` scores per prompt, and which prompts tie (every
   score equal).  The official code keeps ties in the mean (loss ``log 2``, gradient 0); ``mask_ties`` drops them.
-* ``dpo_loss``: ``-log sigmoid(beta * h)`` (``sigmoid``) or ``(h - 1 / (2 beta))^2`` (``ipo``) with
+* ``dpo_pair_losses`` / ``dpo_loss`` (their mean): ``-log sigmoid(beta * h)`` (``sigmoid``) or
+  ``(h - 1 / (2 beta))^2`` (``ipo``) with
   ``h = (log pi(y+) - log pi(y-)) - (log ref(y+) - log ref(y-))``; no behaviour-policy log-probabilities.
 * ``rloo_advantages``: ``score - kl_coef * sum_t (log pi_b - log ref)`` minus the mean of the other ``k - 1`` samples
   of the same prompt; ``rloo_loss``: PPO-clip on the *sequence-level* ratio ``pi_theta / pi_b`` (the staleness
@@ -49,24 +50,29 @@ def _masked_mean(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     return (x * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def dpo_pair_losses(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid") -> torch.Tensor:
+    """The loss of every pair (B,), unreduced: what a per-pair weighting (Feasible Learning's multipliers) needs."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if kind == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"DPO loss kind {kind!r}; expected one of {', '.join(DPO_KINDS)}")
+
+
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid",
              keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Sequence log-probabilities (B,) -> the mean loss over the pairs ``keep`` selects (all by default) and the
     logged statistics: implicit rewards ``beta * (log pi - log ref)`` of chosen / rejected, their margin and
     accuracy."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-    if kind == "sigmoid":
-        per_pair = -F.logsigmoid(beta * h)
-    elif kind == "ipo":
-        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        raise ValueError(f"DPO loss kind {kind!r}; expected one of {', '.join(DPO_KINDS)}")
+    per_pair = dpo_pair_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind)
     r_c, r_r = beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
     stats = {"rewards_chosen": _masked_mean(r_c, keep), "rewards_rejected": _masked_mean(r_r, keep),
-             "margin": _masked_mean(r_c - r_r, keep), "accuracy": _masked_mean((r_c > r_r).to(h.dtype), keep)}
+             "margin": _masked_mean(r_c - r_r, keep), "accuracy": _masked_mean((r_c > r_r).to(per_pair.dtype), keep)}
     return _masked_mean(per_pair, keep), stats
 
 
