@@ -1,8 +1,10 @@
 """Measures and plots the topography of every conv sheet after validation (spec shared/specs/cbsom.md section 3).
 
 Per conv layer (rank 0, on the validation images): weight topography and response topography (neighbour similarity
-vs a position-shuffle null, z and p), the distance curve of response similarity (Spearman rho, TDANN smoothness),
-class-selectivity d' smoothness ratio, kernel homogenisation (mean pairwise cosine) and, when a
+vs a position-shuffle null: z, the one-sided permutation p ``(1 + #{null >= stat}) / (1 + n_perm)`` and that p
+Holm-Bonferroni adjusted over the layers of the network, ``*_p_holm``: a layer whose adjusted p is below alpha is
+topographic at family-wise error rate alpha), the distance curve of response similarity (Spearman rho, TDANN
+smoothness), class-selectivity d' smoothness ratio, kernel homogenisation (mean pairwise cosine) and, when a
 ``SelfOrganizingMap`` callback is present, its distinct-BMU fraction and mean alignment cos(dW_SOM, -grad).
 Responses are each channel's spatially averaged raw conv output (as in the authors' analysis notebook).  The first
 conv also gets an orientation map from generated sine gratings.
@@ -25,10 +27,11 @@ from callbacks.run_files import run_dir, whole
 from torch import nn
 
 from lightning_modules.layers.topographic import sheet_side
-from lightning_modules.layers.topography_metrics import (class_dprime, distance_curve, mean_pairwise_cosine,
-                                                         neighbour_similarity, orientation_smoothness,
-                                                         pearson_similarity, preferred_orientation,
-                                                         selectivity_ratio, sine_gratings, tdann_smoothness)
+from lightning_modules.layers.topography_metrics import (class_dprime, distance_curve, holm_adjust,
+                                                         mean_pairwise_cosine, neighbour_similarity,
+                                                         orientation_smoothness, pearson_similarity,
+                                                         preferred_orientation, selectivity_ratio, sine_gratings,
+                                                         tdann_smoothness)
 
 
 def _square_convs(module: nn.Module) -> Dict[str, nn.Conv2d]:
@@ -111,6 +114,9 @@ class TopographyReport(L.Callback):
                 last_dprime = (name, dprime)
             for key in ("weight_topo_z", "response_topo_z", "mean_kernel_cosine"):
                 pl_module.log(f"topo/{name}/{key}", float(row[key]), rank_zero_only=True)
+        for key in ("weight_topo_p", "response_topo_p"):  # family = the layers of this network
+            for row, adjusted in zip(rows, holm_adjust([row[key] for row in rows])):
+                row[f"{key}_holm"] = adjusted
         first = next(iter(convs))
         orientation = self._orientation(pl_module, convs[first], images, gen)
         self.rows = rows

@@ -3,11 +3,12 @@ import math
 
 import torch
 
-from lightning_modules.layers.topographic import grid_coords
-from lightning_modules.layers.topography_metrics import (class_dprime, distance_curve, mean_pairwise_cosine,
-                                                         neighbour_similarity, orientation_smoothness,
-                                                         pearson_similarity, preferred_orientation,
-                                                         selectivity_ratio, sine_gratings, tdann_smoothness)
+from lightning_modules.layers.topographic import grid_coords, grid_distances
+from lightning_modules.layers.topography_metrics import (class_dprime, distance_curve, holm_adjust,
+                                                         mean_pairwise_cosine, neighbour_similarity,
+                                                         orientation_smoothness, pearson_similarity,
+                                                         preferred_orientation, selectivity_ratio, sine_gratings,
+                                                         tdann_smoothness)
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -27,6 +28,32 @@ def test_smooth_sheet_is_topographic_and_random_one_is_not():
     assert smooth["z"] > 5 and smooth["p"] < 0.01 and smooth["stat"] > 0
     zs = [neighbour_similarity(torch.randn(64, 50, generator=G(s)), generator=G(s + 100))["z"] for s in range(5)]
     assert max(abs(z) for z in zs) < 3.0
+
+
+def test_permutation_p_value_convention_and_null():
+    """p = (1 + #{null >= stat}) / (1 + n_perm), the null being the neighbour-minus-all statistic of shuffled sheets."""
+    vectors = torch.randn(16, 30, generator=G(11), dtype=torch.float64)
+    res = neighbour_similarity(vectors, n_perm=50, generator=G(12))
+    sim, dist = pearson_similarity(vectors), grid_distances(16)
+    near, off = (dist > 0.5) & (dist < 1.5), ~torch.eye(16, dtype=torch.bool)
+    g = G(12)
+    null = torch.stack([sim[q][:, q][near].mean() - sim[q][:, q][off].mean()
+                        for q in (torch.randperm(16, generator=g) for _ in range(50))])
+    assert abs(res["stat"] - float(sim[near].mean() - sim[off].mean())) < 1e-12
+    assert abs(res["null_mean"] - float(null.mean())) < 1e-12 and abs(res["null_sd"] - float(null.std())) < 1e-12
+    assert res["p"] == (1 + int((null >= res["stat"]).sum())) / 51
+    assert neighbour_similarity(smooth_sheet(), n_perm=50, generator=G(1))["p"] == 1 / 51  # resolution limit
+
+
+def test_holm_adjust_hand_computed():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> running max 0.06)
+    adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert all(abs(a - b) < 1e-12 for a, b in zip(adjusted, [0.03, 0.06, 0.06, 0.02]))
+    assert holm_adjust([0.5, 0.6]) == [1.0, 1.0] and holm_adjust([]) == [] and holm_adjust([0.2]) == [0.2]
+    # 9 layers, 200 shuffles (p >= 1/201): nothing is significant at 0.05 unless the smallest p is 1/201 (no shuffle
+    # reached that layer's statistic); with 2000 shuffles there is room
+    assert holm_adjust([1 / 201] * 9)[0] < 0.05 < min(holm_adjust([2 / 201] * 9))
+    assert max(holm_adjust([2 / 2001] * 9)) < 0.05  # with 2000 shuffles there is room
 
 
 def test_distance_curve_and_smoothness():

@@ -5,7 +5,9 @@ unit has a vector ``v_i``: its flattened kernel (weight topography) or its respo
 (functional topography).
 
 * ``neighbour_similarity``: mean Pearson similarity of grid neighbours (distance 1) minus the mean over all pairs,
-  against a null that permutes unit positions (weights/responses fixed): z-score and permutation p-value.
+  against a null that permutes unit positions (weights/responses fixed): z-score and one-sided permutation p-value
+  ``(1 + #{null >= stat}) / (1 + n_perm)`` (so never below ``1 / (1 + n_perm)``).
+* ``holm_adjust``: Holm-Bonferroni adjusted p-values for a family of tests (e.g. the layers of a network).
 * ``distance_curve``: mean similarity per grid distance, Spearman rho(similarity, distance) and TDANN's smoothness
   ``(max(curve) - curve[0]) / max(curve)`` of the |difference| curve.
 * ``class_dprime`` / ``selectivity_ratio``: one-vs-rest d' per class and unit; ``mean |d'_i - d'_j|`` at distance 1
@@ -16,7 +18,7 @@ unit has a vector ``v_i``: its flattened kernel (weight topography) or its respo
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,21 +39,46 @@ def _neighbour_minus_all(sim: torch.Tensor, near: torch.Tensor, off_diag: torch.
 
 def neighbour_similarity(vectors: torch.Tensor, n_perm: int = 200,
                          generator: Optional[torch.Generator] = None) -> Dict[str, float]:
-    """Neighbour-minus-all similarity and its position-shuffle null (z, one-sided p)."""
+    """Neighbour-minus-all similarity and its position-shuffle null.
+
+    ``stat`` = mean Pearson similarity of the grid-neighbour pairs (distance 1) minus the mean over all pairs; the null
+    draws ``n_perm`` random assignments of the units to the grid positions (vectors fixed).  Returns the null mean and
+    sd, ``z = (stat - null_mean) / null_sd`` and the one-sided permutation p-value for "neighbours are more similar than
+    chance", ``p = (1 + #{null >= stat}) / (1 + n_perm)`` (valid at any ``n_perm``; its smallest value is
+    ``1 / (1 + n_perm)``).
+    """
     sim = pearson_similarity(vectors)
     channels = sim.shape[0]
     dist = grid_distances(channels)
     near = (dist > 0.5) & (dist < 1.5)
     off_diag = ~torch.eye(channels, dtype=torch.bool)
     stat = float(_neighbour_minus_all(sim, near, off_diag))
-    null = torch.empty(n_perm, dtype=torch.float64)
-    for i in range(n_perm):
-        perm = torch.randperm(channels, generator=generator)
-        null[i] = _neighbour_minus_all(sim[perm][:, perm], near, off_diag)
+    # the mean over all pairs does not change under a permutation: only the neighbour pairs are re-drawn
+    perms = torch.stack([torch.randperm(channels, generator=generator) for _ in range(n_perm)])
+    rows, cols = near.nonzero(as_tuple=True)
+    null = sim[perms[:, rows], perms[:, cols]].mean(1) - sim[off_diag].mean()
     sd = float(null.std())
     return {"stat": stat, "null_mean": float(null.mean()), "null_sd": sd,
             "z": (stat - float(null.mean())) / max(sd, 1e-12),
-            "p": float((1 + (null >= stat).sum()) / (1 + n_perm))}
+            "p": (1 + int((null >= stat).sum())) / (1 + n_perm)}
+
+
+def holm_adjust(pvalues: Sequence[float]) -> List[float]:
+    """Holm-Bonferroni step-down adjusted p-values, in the input order.
+
+    With the ``m`` p-values sorted ``p_(1) <= ... <= p_(m)``, the adjusted value of the k-th smallest is
+    ``min(1, max_{j <= k} (m - j + 1) p_(j))``.  Rejecting every hypothesis whose adjusted p is below ``alpha`` keeps
+    the family-wise error rate (the chance of at least one false rejection in the family) at most ``alpha`` under any
+    dependence between the tests.  Resolution limit: a permutation p is at least ``1 / (1 + n_perm)``, so the smallest
+    p of a family of ``m`` can only be rejected at ``alpha`` if ``m / (1 + n_perm) < alpha``.
+    """
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * float(pvalues[i]))
+        adjusted[i] = min(1.0, running)
+    return adjusted
 
 
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
