@@ -216,3 +216,26 @@ def test_a_pair_without_rejected_is_one_error_naming_it(tmp_path):
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: pair 2 has no 'rejected' string"):
         read_pairs_jsonl(str(path))
+
+
+@pytest.mark.slow
+def test_fl_dpo_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
+    """The per-pair multipliers are training state: a run SIGKILLed mid-epoch and resumed from its last checkpoint ends
+    with the multipliers, weights and optimizer state of an uninterrupted run (torchtune's resume test)."""
+    from tests.helpers import kill_and_resume
+
+    common = ["fit", "--config", "recipes/feasible_dpo_toy.yaml", "--trainer.max_steps=40",
+              "--checkpoint.every_n_train_steps=12", "--trainer.enable_progress_bar=false",
+              "--data.init_args.n_train=512", "--data.init_args.n_val=64", "--trainer.check_val_every_n_epoch=100"]
+    fl = ("    - class_path: callbacks.feasible_learning.FeasibleLearning\n      init_args:\n        epsilon: 0.3\n"
+          "        dual_lr: 1.0\n        init: 1.0\n        reduction: mean\n        update_order: simultaneous\n")
+    a, b = kill_and_resume(tmp_path, common, fl, kill_at=30, saved_step=24)  # 8 steps per epoch: mid-epoch 3
+    assert a["global_step"] == b["global_step"] == 40
+    lam_a, lam_b = (next(v for k, v in ck["callbacks"].items() if k.startswith("FeasibleLearning"))["lam"]
+                    for ck in (a, b))
+    assert not torch.equal(lam_a, torch.ones_like(lam_a))  # the multipliers moved
+    assert torch.equal(lam_a, lam_b)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+    for i, state in a["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(b["optimizer_states"][0]["state"][i]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
