@@ -1,6 +1,6 @@
 """Every method's recipe runs unchanged under DDP (2 CPU processes, gloo, launched by Lightning from
 ``python -m recipes``) and ends where one process trained on the same global batches ends, method state included:
-FoX weights and gates, CB-SOM weights after the SOM steps, Feasible Learning's multipliers.  BatchNorm (CB-SOM)
+FoX weights and gates, CB-SOM weights after the SOM steps, Feasible Learning's multipliers (digits and DPO pairs).  BatchNorm (CB-SOM)
 normalises per rank under DDP and SyncBatchNorm needs a GPU, so there the one-process reference accumulates the two
 ranks' local batches as two micro-batches (the sampler gives each rank one contiguous slice of the global batch, so
 the micro-batches hold the same samples); BatchNorm running statistics are per rank and not compared.  Slow: ~2.5
@@ -15,6 +15,8 @@ CASES = {
                 "--data.init_args.val_windows=4", "--model.init_args.n_layers=2"], "data.init_args.batch_size", 8),
     "cbsom_digits": (["--trainer.max_steps=10"], "data.init_args.batch_size", 32),
     "feasible_digits": (["--trainer.max_steps=10"], "data.init_args.batch_size", 32),
+    "feasible_dpo_toy": (["--trainer.max_steps=10", "--data.init_args.n_train=512", "--data.init_args.n_val=64"],
+                         "data.init_args.batch_size", 32),
 }
 
 
@@ -47,10 +49,11 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batches(tmp_path,
             torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=2e-5, msg=key)
         else:
             assert torch.equal(ddp["state_dict"][key], value), key
-    if recipe == "feasible_digits":
+    if recipe.startswith("feasible"):
         lam = {name: next(v for k, v in c["callbacks"].items() if k.startswith("FeasibleLearning"))["lam"]
                for name, c in (("ddp", ddp), ("one", one))}
-        assert int((lam["one"] > 0).sum()) > 50
+        init = 1.0 if recipe == "feasible_dpo_toy" else 0.0  # the authors' DPO setting starts every lambda at 1
+        assert int((lam["one"] != init).sum()) > 50
         torch.testing.assert_close(lam["ddp"], lam["one"], rtol=1e-4, atol=1e-5)
     if recipe == "cbsom_digits":
         som = {name: next(v for k, v in c["callbacks"].items() if k.startswith("SelfOrganizingMap"))
