@@ -13,10 +13,10 @@ permutation p = (1 + #{null >= observed}) / (1 + N_PERM), so p >= 1/2001 (with 2
 the 9 layers could reject a layer only if no shuffle at all reached it, and Holm over the 36 baseline tests never).
 Families are corrected with Holm-Bonferroni at ALPHA = 0.05 (family-wise error rate).  The checks:
 
-* baseline_acc: mean accuracy of the SOM-off runs >= 0.95;
+* baseline_acc (with >= 4 seeds): mean accuracy of the SOM-off runs >= 0.95;
 * baseline_no_topography: no SOM-off run x layer has a Holm-adjusted p < 0.05, Holm over all SOM-off run x layer
   tests of the comparison (one family, so the check has a 5% false-positive rate whatever the number of seeds);
-* cb_accuracy (claim a): mean CB-SOM accuracy >= mean SOM-off accuracy - 0.03;
+* cb_accuracy (claim a; with >= 4 seeds): mean CB-SOM accuracy >= mean SOM-off accuracy - 0.03;
 * cb_topography (claim a): every CB-SOM run has weight topography at Holm-adjusted p < 0.05 (Holm over that run's
   layers) in at least n_layers - CB_MAX_NON_TOPOGRAPHIC layers;
 * claim (b), the mechanism, on every seed (CB and AB runs of the same seed): distinct-BMU fraction CB > AB
@@ -40,8 +40,9 @@ from scripts._report import fit_run, run_grid, seeds_main  # noqa: E402
 
 MODES = ("none", "cb", "ab", "random")
 ALPHA = 0.05  # family-wise error rate of the topography tests
-N_PERM = 2000  # position shuffles per test: p >= 1/2001, so Holm over 9 layers can reject at 0.05 (200 could not)
+N_PERM = 2000  # shuffles per test: p >= 1/2001 (with 200, p >= 1/201 is at the edge of Holm over 9 layers at 0.05)
 # The tolerances below are the worst case seen over seeds 0-19 (docs/results.md, CB-SOM section):
+MIN_ACCURACY_SEEDS = 4  # the accuracy checks compare means over seeds; fewer seeds: reported, not checked
 CB_MAX_NON_TOPOGRAPHIC = 2  # claim (a): layers of a CB-SOM run allowed without significant weight topography
 # claim (b): per seed, layers allowed where the CB-vs-AB comparison does not hold (the mean over layers must hold)
 MAX_MISSED_LAYERS = {"cb_more_distinct_bmus": 0, "cb_less_homogenised": 2, "cb_better_aligned": 1}
@@ -133,10 +134,11 @@ def checks(results) -> dict:
     """The acceptance checks, each exactly as stated in the module docstring and in docs/results.md."""
     acc = {m: [r["acc"] for r in results if r["mode"] == m] for m in MODES if any(r["mode"] == m for r in results)}
     cb_runs = [r for r in results if r["mode"] == "cb"]
-    out = {"baseline_acc": statistics.fmean(acc["none"]) >= 0.95,
-           "baseline_no_topography": all(adj >= ALPHA for adj, _, _ in baseline_holm(results)),
-           "cb_accuracy": statistics.fmean(acc["cb"]) >= statistics.fmean(acc["none"]) - 0.03,
+    out = {"baseline_no_topography": all(adj >= ALPHA for adj, _, _ in baseline_holm(results)),
            "cb_topography": all(topographic_layers(r) >= len(r["layers"]) - CB_MAX_NON_TOPOGRAPHIC for r in cb_runs)}
+    if len({r["seed"] for r in cb_runs}) >= MIN_ACCURACY_SEEDS:  # claims about a mean over seeds
+        out["baseline_acc"] = statistics.fmean(acc["none"]) >= 0.95
+        out["cb_accuracy"] = statistics.fmean(acc["cb"]) >= statistics.fmean(acc["none"]) - 0.03
     if "ab" in acc:
         per_seed = mechanism(results)
         for name in MECHANISM:
@@ -224,7 +226,11 @@ def write(results, out: Path, cmd: str) -> str:
             cells = [f"{c[k]['held']}/{c[k]['layers']} ({c[k]['cb']:{f}} / {c[k]['ab']:{f}})"
                      for k, f in zip(MECHANISM, (".3f", ".3f", ".4f"))]
             lines.append(f"| {seed} | {acc} | {sig} | " + " | ".join(cells) + " |")
-    lines += ["", "Checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks(results).items()),
+    verdict = checks(results)
+    lines += ["", "Checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in verdict.items())
+              + ("" if "cb_accuracy" in verdict else f"; baseline_acc and cb_accuracy not evaluated: they are claims "
+                 f"about the mean over at least {MIN_ACCURACY_SEEDS} seeds (one seed's CB - off gap varies by a "
+                 "few points; seed 9 alone: -0.031)"),
               "", f"Reproduce: `{cmd}`"]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
