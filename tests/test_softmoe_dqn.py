@@ -80,23 +80,34 @@ class RandomPolicy:
         return torch.zeros(obs.shape[0], dtype=torch.long)  # evaluated at epsilon 1: uniform random actions
 
 
+def test_short_run_of_the_claim_arm_updates_on_schedule_and_moves_its_q_values():
+    """SoftMoE-1 PerConv x4 (the recipe's network and agent) for 2,500 environment steps: one update every 2 steps
+    after the 1,000-step warm-up, a finite loss, and Q-values that moved.  The learning claim itself (15k steps beat
+    a random policy) is the slow test below: a claim run, at about 2.5 minutes."""
+    _smoke_breakout(steps=2500, check_returns=False)
+
+
+@pytest.mark.slow
 def test_smoke_the_claim_arm_beats_a_random_policy_on_minatar_breakout():
     """SoftMoE-1 PerConv x4 (the recipe's network and agent; a short schedule): after 15k environment steps its
-    greedy policy's mean return over 30 evaluation episodes beats a uniform random policy's on the same seeds.
+    greedy policy's mean return over 30 evaluation episodes beats a uniform random policy's on the same seeds."""
+    _smoke_breakout(steps=15_000, check_returns=True)
 
-    Pinned to 2 intra-op threads (the CI machine's cores): the 15k-step run depends on the float reduction order, and
-    earlier tests can leave the process at 1 thread (Lightning's DDP launcher sets it), which changes the run."""
+
+def _smoke_breakout(steps: int, check_returns: bool):
+    """Pinned to 2 intra-op threads (the CI machine's cores): the 15k-step run depends on the float reduction order,
+    and earlier tests can leave the process at 1 thread (Lightning's DDP launcher sets it), which changes the run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _smoke_breakout()
+        _run_breakout(steps, check_returns)
     finally:
         torch.set_num_threads(threads)
 
 
-def _smoke_breakout():
+def _run_breakout(steps: int, check_returns: bool):
     L.seed_everything(0)
-    dm = ReplayDataModule(warmup_steps=1000, steps_per_epoch=15_000, epsilon_decay_steps=5_000, update_period=2,
+    dm = ReplayDataModule(warmup_steps=1000, steps_per_epoch=steps, epsilon_decay_steps=5_000, update_period=2,
                           eval_episodes=30, seed=0)
     agent = SoftMoEDQN(head="softmoe", tokenization="per_conv", experts=1, hidden=64, scale=4, lr=1e-3,
                        target_update_period=200, seed=0)
@@ -106,9 +117,12 @@ def _smoke_breakout():
     agent.build(OBS, A, "bool")
     q_start = agent.q_values(agent.online(probe)).detach()
     trainer.fit(agent, dm)
-    assert trainer.global_step == 1 + (15_000 - 1000) // 2
+    assert trainer.global_step == 1 + (steps - 1000) // 2
     assert np.isfinite(float(trainer.callback_metrics["train/loss"]))
-    assert (agent.q_values(agent.online(probe)) - q_start).abs().mean() > 0.05  # the Q-values moved
+    moved = 0.05 if check_returns else 0.005  # 15k steps / 2.5k steps (observed 0.012 at 2.5k: rewards are sparse)
+    assert (agent.q_values(agent.online(probe)) - q_start).abs().mean() > moved  # the Q-values moved
+    if not check_returns:
+        return
     learned = dm.evaluate(agent)["returns"]
     dm.hparams.eval_epsilon = 1.0
     random = dm.evaluate(RandomPolicy())["returns"]
