@@ -34,7 +34,6 @@ Batches are dicts: ``prompt`` (left-padded) / ``prompt_mask``, ``chosen`` / ``ch
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
 import lightning as L
@@ -43,7 +42,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.prompts import read_prompt_rows
-from datamodules.rlhf_prompts import TOY_RESPONSE, TOY_VOCAB, left_pad, right_pad, toy_prompts
+from datamodules.rlhf_prompts import (TOY_RESPONSE, TOY_VOCAB, check_text_source, left_pad, load_disk_split,
+                                      right_pad, toy_prompts)
 from datamodules.sampling import eval_sampler, shuffled_resumable
 
 SOURCES = ("toy", "jsonl", "hf_disk")
@@ -99,18 +99,7 @@ def read_pairs_jsonl(path: str) -> List[dict]:
 
 def read_pairs_hf_disk(path: str, split: str = "train", prompt_column: str = "input",
                        system_column: Optional[str] = "system", orca_filter: bool = True) -> List[dict]:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset folder {path!r} does not exist; expected a datasets.save_to_disk folder")
-    from datasets import DatasetDict, load_from_disk
-
-    ds = load_from_disk(path)
-    if isinstance(ds, DatasetDict):
-        if split not in ds:
-            raise ValueError(f"dataset {path!r} has no split {split!r}; it has {', '.join(ds)}")
-        ds = ds[split]
-    for col in (prompt_column, "chosen", "rejected"):
-        if col not in ds.column_names:
-            raise ValueError(f"dataset {path!r} has no column {col!r}; it has {', '.join(ds.column_names)}")
+    ds = load_disk_split(path, split, [prompt_column, "chosen", "rejected"])
     cols = ds.column_names
     rows = []
     for r in ds:
@@ -226,15 +215,9 @@ class PreferenceDataModule(L.LightningDataModule):
                              "(responses keep max_length - max_prompt_tokens tokens)")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if source != "toy" and not train_path:
-            raise ValueError(f"data.source={source} needs data.train_path")
-        if source == "jsonl" and not val_path:
+        if source == "jsonl" and train_path and not val_path:
             raise ValueError("data.source=jsonl needs data.val_path (held-out pairs)")
-        if source != "toy" and not tokenizer:
-            raise ValueError(f"data.source={source} needs data.tokenizer (a local tokenizer folder)")
-        if tokenizer and not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f"tokenizer folder {tokenizer!r} does not exist; expected a local "
-                                    "save_pretrained folder (tokenizers are never downloaded)")
+        check_text_source("source", source, train_path, tokenizer)
         self.save_hyperparameters()
         self.train_set: Optional[PairSet] = None
         self.val_set: Optional[PairSet] = None

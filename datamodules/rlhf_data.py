@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.env_side import _Items
 from datamodules.rlhf_actor import Actor, PromptSampler, Schedule
 from datamodules.sampling import world_of
-from datamodules.rlhf_prompts import (PromptSet, encode_rows, left_pad, read_hf_disk, read_jsonl, right_pad,
+from datamodules.rlhf_prompts import (PromptSet, check_text_source, encode_rows, left_pad, read_hf_disk, read_jsonl, right_pad,
                                       toy_prompts)
 
 PROMPT_SOURCES = ("toy", "jsonl", "hf_disk")
@@ -68,13 +68,7 @@ class RLHFDataModule(L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size)):
             if int(value) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if prompts != "toy" and not train_path:
-            raise ValueError(f"data.prompts={prompts} needs data.train_path")
-        if prompts != "toy" and not tokenizer:
-            raise ValueError(f"data.prompts={prompts} needs data.tokenizer (a local tokenizer folder)")
-        if tokenizer and not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f"tokenizer folder {tokenizer!r} does not exist; expected a local "
-                                    "save_pretrained folder (tokenizers are never downloaded)")
+        check_text_source("prompts", prompts, train_path, tokenizer)
         self.save_hyperparameters()
         self.seed = int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.schedule = Schedule(0 if sync else int(staleness), int(num_mini_batches))

@@ -47,8 +47,20 @@ def read_jsonl(path: str) -> List[dict]:
     return read_prompt_rows(path, extra=("reference",))
 
 
-def read_hf_disk(path: str, split: str, prompt_column: str = "query",
-                 reference_column: Optional[str] = "reference_response") -> List[dict]:
+def check_text_source(key: str, source: str, train_path: Optional[str], tokenizer: Optional[str]) -> None:
+    """A file source (not ``toy``) needs ``data.train_path`` and a local tokenizer folder: one-line errors."""
+    if source != "toy" and not train_path:
+        raise ValueError(f"data.{key}={source} needs data.train_path")
+    if source != "toy" and not tokenizer:
+        raise ValueError(f"data.{key}={source} needs data.tokenizer (a local tokenizer folder)")
+    if tokenizer and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"tokenizer folder {tokenizer!r} does not exist; expected a local "
+                                "save_pretrained folder (tokenizers are never downloaded)")
+
+
+def load_disk_split(path: str, split: str, columns):
+    """Split ``split`` of a ``datasets.save_to_disk`` folder (or the folder's one dataset), checked to have
+    ``columns``; a missing folder, split or column is a one-line error naming it."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"dataset folder {path!r} does not exist; expected a datasets.save_to_disk folder")
     from datasets import DatasetDict, load_from_disk
@@ -58,8 +70,15 @@ def read_hf_disk(path: str, split: str, prompt_column: str = "query",
         if split not in ds:
             raise ValueError(f"dataset {path!r} has no split {split!r}; it has {', '.join(ds)}")
         ds = ds[split]
-    if prompt_column not in ds.column_names:
-        raise ValueError(f"dataset {path!r} has no column {prompt_column!r}; it has {', '.join(ds.column_names)}")
+    for col in columns:
+        if col not in ds.column_names:
+            raise ValueError(f"dataset {path!r} has no column {col!r}; it has {', '.join(ds.column_names)}")
+    return ds
+
+
+def read_hf_disk(path: str, split: str, prompt_column: str = "query",
+                 reference_column: Optional[str] = "reference_response") -> List[dict]:
+    ds = load_disk_split(path, split, [prompt_column])
     refs = ds[reference_column] if reference_column and reference_column in ds.column_names else None
     return [{"prompt": q, "reference": None if refs is None else refs[i]} for i, q in enumerate(ds[prompt_column])]
 

@@ -54,7 +54,12 @@ class HFTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:  # a folder without tokenizer files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"tokenizer folder {path!r} holds no loadable tokenizer ({first}); expected a "
+                             "save_pretrained tokenizer folder") from None
         self.vocab_size = len(self.tok)
         self.eos_id: Optional[int] = self.tok.eos_token_id
         self.bos_id: Optional[int] = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
