@@ -1,7 +1,14 @@
 """Entry point: ``python -m recipes fit --config recipes/fox_lm.yaml``."""
+import sys
+
 from callbacks.preemption import ignore_slurm_signals_at_exit, watch_slurm_signals
 
 watch_slurm_signals()  # first: SLURM's --signal warning may land while torch is still importing
+
+if sys.argv[1:2] == ["ls"]:  # the catalog needs neither torch nor Lightning: answer at once
+    from recipes.catalog import ls
+
+    raise SystemExit(ls(sys.argv[2:]))
 
 import torch  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""``python -m recipes {fit,validate,test,predict} --config recipes/<name>.yaml [--key value ...]``.
+"""``python -m recipes {fit,validate,test,predict} --config recipes/<name>.yaml [--key value ...]``; ``python -m
+recipes ls [--json]`` lists the recipes (``recipes/catalog.py``).
 
 LightningCLI in subclass mode: any LightningModule / LightningDataModule by ``class_path``.  Every run gets
 
@@ -252,6 +253,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(args: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["ls"]:  # the recipe catalog, as torchtune's ``tune ls``
+        from recipes.catalog import ls
+
+        return ls(argv[1:])
     debug = os.environ.get("RECIPES_DEBUG") == "1"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # The method callbacks' epoch summaries (fl/*: multipliers identical on every rank; topo/*, samples/*: computed

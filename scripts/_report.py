@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmark scripts: interleaved timing and writing a section of docs/performance.md."""
+"""Helpers shared by the benchmark scripts: interleaved timing, writing a section of docs/performance.md, and the
+output options (``--write``, ``--doc``, ``--csv``) the benchmarks share."""
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import statistics
@@ -9,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -99,3 +101,65 @@ def write_checked_section(name: str, lines: List[str], verdict: Dict[str, bool],
     text = "\n".join([*lines, "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items()), ""])
     update_section(name, text, path)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output options every benchmark script shares: --write / --doc / --csv
+# ---------------------------------------------------------------------------------------------------------------
+OUTPUT_FLAGS = ("--write", "--no-write", "--doc", "--csv")
+
+
+def add_output_args(ap: argparse.ArgumentParser, write_default: bool = False) -> None:
+    """``--write`` (update the script's section of the markdown file; ``--no-write`` turns it off where a script
+    writes by default), ``--doc PATH`` (the file ``--write`` updates, default docs/performance.md) and ``--csv PATH``
+    (the result rows as CSV, header row first)."""
+    ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=write_default,
+                    help=f"update this script's section of --doc (default: {'on' if write_default else 'off'})")
+    ap.add_argument("--doc", type=Path, default=DOCS,
+                    help="markdown file --write updates (default docs/performance.md)")
+    ap.add_argument("--csv", type=Path, default=None, help="also write the result rows to this CSV file")
+
+
+def write_outputs(args: argparse.Namespace, section: str, text: str, header: Sequence[str],
+                  rows: Iterable[Sequence]) -> None:
+    """What ``add_output_args``' options ask for: ``text`` as section ``section`` of ``args.doc`` (with ``--write``)
+    and ``rows`` under ``header`` as CSV (with ``--csv``; ``None`` cells are written empty)."""
+    if args.write:
+        update_section(section, text, args.doc)
+    if args.csv is not None:
+        write_csv(args.csv, header, rows)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    rows = [list(r) for r in rows]
+    bad = [r for r in rows if len(r) != len(header)]
+    if bad:
+        raise ValueError(f"CSV row {bad[0]} has {len(bad[0])} cells; the header has {len(header)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        out.writerows(["" if c is None else c for c in r] for r in rows)
+
+
+def without_output_args(argv: Sequence[str]) -> List[str]:
+    """``argv`` minus the output options (``--write``, ``--no-write``, ``--doc PATH``, ``--csv PATH``, also in the
+    ``--doc=PATH`` form): what a results section shows as the command that produced the numbers."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--doc", "--csv"):
+            skip = True
+        elif a not in OUTPUT_FLAGS and not a.startswith(("--doc=", "--csv=")):
+            kept.append(a)
+    return kept
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """One line naming a failure: the exception type and the first non-empty line of its message, shortened."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    text = text.replace("|", "/")  # it may go into a markdown table cell
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,6 +1,7 @@
 """Training-step cost of bias-only learning against full training of the same network (same width, same draw).
 
-    python scripts/bench_bias_only.py [--widths 1024 4096 16384] [--features 64 784] [--reps 30]
+    python scripts/bench_bias_only.py [--widths 1024 4096 16384] [--features 64 784] [--reps 30] [--device cuda]
+    python scripts/bench_bias_only.py --no-write --csv rows.csv   # CSV rows only, docs/performance.md untouched
 
 A step is forward + backward + Adam on a batch of 128; the two modes run round-robin in one process
 (``scripts._report.interleaved_times``) and the table gives the ratio bias-only / full.  With frozen weights the
@@ -8,7 +9,9 @@ backward computes no weight gradient (one matmul of three per layer) and Adam to
 bytes of trained state (parameters, gradients, Adam's two moments), exact; and the peak memory of training: on CUDA
 the peak allocated memory of a step, on CPU the growth of the peak resident set over three steps in a fresh Linux
 process per mode (peak RSS reset through ``/proc/self/clear_refs`` after building model and batch, ``VmHWM`` after
-the steps minus ``VmRSS`` before: activations, gradients and Adam state, with large blocks returned to the OS).  Results go to docs/performance.md.
+the steps minus ``VmRSS`` before: activations, gradients and Adam state, with large blocks returned to the OS).
+The device defaults to CUDA when available.  Results go to section ``bias_only_step`` of docs/performance.md (or
+``--doc PATH``) unless ``--no-write``; ``--csv PATH`` also writes the table's rows (ms, KiB / MiB as in the table).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.bias_learning import BiasLearningMLP  # noqa: E402
-from scripts._report import interleaved_times, update_section  # noqa: E402
+from scripts._report import add_output_args, interleaved_times, without_output_args, write_outputs  # noqa: E402
 
 
 def make_step(model: BiasLearningMLP, x: torch.Tensor, y: torch.Tensor, task: torch.Tensor):
@@ -108,14 +111,26 @@ def bench(widths, features_list, reps: int, device: str, batch: int = 128):
     return rows
 
 
-def main() -> None:
+CSV_HEADER = ["features", "width", "bias_only_ms", "full_ms", "bias_only_over_full", "trained_state_bias_only_kib",
+              "trained_state_full_mib", "peak_bias_only_mib", "peak_full_mib", "peak_ratio"]
+
+
+def csv_rows(rows):
+    return [[r["features"], r["width"], r["bias_ms"], r["full_ms"], r["ratio"], r["bias_state"] / 1024,
+             r["full_state"] / 2**20, r["bias_peak"] / 2**20, r["full_peak"] / 2**20,
+             r["bias_peak"] / max(1, r["full_peak"])] for r in rows]
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--features", type=int, nargs="+", default=[64, 784])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-child", nargs=4, metavar=("MODE", "D", "N", "BATCH"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    add_output_args(ap, write_default=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
     if args.peak_child:
         mode, *sizes = args.peak_child
         return _peak_child(mode, *map(int, sizes))
@@ -123,9 +138,9 @@ def main() -> None:
     where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     peak = "peak allocated" if args.device.startswith("cuda") else "peak RSS growth"
     lines = ["## Bias-only vs full training: step time and memory (issue #13)", "",
-             f"`python scripts/bench_bias_only.py {' '.join(sys.argv[1:])}` ({where}, batch 128, median of "
-             f"{args.reps} interleaved steps of forward + backward + Adam; one hidden layer, 10 classes; trained state: "
-             f"parameters + gradients + Adam moments, exact; {peak}: of a training step"
+             f"`{' '.join(['python scripts/bench_bias_only.py', *without_output_args(argv)])}` ({where}, batch 128, "
+             f"median of {args.reps} interleaved steps of forward + backward + Adam; one hidden layer, 10 classes; "
+             f"trained state: parameters + gradients + Adam moments, exact; {peak}: of a training step"
              + (", in a fresh process per mode)." if args.device == "cpu" else ")."), "",
              "| inputs d | width N | bias-only ms | full ms | bias-only / full | trained state bias-only | full | "
              f"{peak} bias-only | full | ratio |",
@@ -137,7 +152,7 @@ def main() -> None:
                 f"**{r['bias_peak'] / max(1, r['full_peak']):.2f}** |")
         lines.append(line)
     text = "\n".join(lines) + "\n"
-    update_section("bias_only_step", text)
+    write_outputs(args, "bias_only_step", text, CSV_HEADER, csv_rows(rows))
     print(text)
 
 

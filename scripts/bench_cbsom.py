@@ -1,13 +1,15 @@
 """Training-step time with the SOM callback (CB, AB) vs SOM off, same model, one process, inside a real
 ``Trainer.fit`` (so the callback's hooks, its per-step ``self.log`` calls and a CSV logger are all counted).
 
-    python scripts/bench_cbsom.py [--write] [--device cpu|cuda]
+    python scripts/bench_cbsom.py [--device cpu|cuda] [--reps 5] [--steps 12] [--presets tiny resnet18]
+    python scripts/bench_cbsom.py --write [--doc PATH] [--csv PATH]   # update a markdown section / CSV rows
 
 A step is timed from ``on_train_batch_start`` (first callback) to ``on_train_batch_end`` (last callback): forward,
 cross-entropy, backward, SGD step and, with the callback, the SOM step (BMU choice and the in-place update on every
 conv) and its logging.  Batches are random 32x32 RGB images, batch 64, for the tiny preset and the ResNet-18 widths
 (64, 144, 256, 529).  The three configurations run round-robin, ``--reps`` fits of ``--steps`` steps each (the first
-two steps of each fit are dropped; the order rotates from fit to fit); the table gives medians over all timed steps.  Target: overhead <= 10%.
+two steps of each fit are dropped; the order rotates from fit to fit); the table gives medians over all timed steps.
+Target: overhead <= 10%.  On a GPU the wall time is mostly ``Trainer`` start-up: 3 x ``--reps`` fits per preset.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import lightning as L  # noqa: E402
 
 from callbacks.self_organizing_map import SelfOrganizingMap  # noqa: E402
 from lightning_modules.topographic_resnet import TopographicClassifier  # noqa: E402
-from scripts._report import sync, update_section  # noqa: E402
+from scripts._report import add_output_args, sync, write_outputs  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
@@ -67,15 +69,18 @@ def timed_fit(preset: str, mode: str, steps: int, batch: int, device: str, log_d
     return start.times[2:]
 
 
-def main():
+CSV_HEADER = ["preset", "off_ms", "cb_ms", "cb_over_off", "ab_ms", "ab_over_off"]
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--presets", nargs="+", default=["tiny", "resnet18"])
-    ap.add_argument("--write", action="store_true")
-    args = ap.parse_args()
+    add_output_args(ap)
+    args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
         for preset in args.presets:
@@ -92,14 +97,16 @@ def main():
              else torch.cuda.get_device_name() if args.device == "cuda" else args.device)
     text = [f"### CB-SOM step overhead in `Trainer.fit`, {where}, batch {args.batch}, 32x32 RGB; "
             f"torch {torch.__version__}, Lightning {L.__version__}", "",
-            "| widths | SOM off ms/step | CB-SOM ms/step | × off | AB-SOM ms/step | × off |", "|---|---|---|---|---|---|"]
+            "| widths | SOM off ms/step | CB-SOM ms/step | × off | AB-SOM ms/step | × off |",
+            "|---|---|---|---|---|---|"]
     text += [f"| {p} | {o * 1e3:.1f} | {c * 1e3:.1f} | {c / o:.3f} | {a * 1e3:.1f} | {a / o:.3f} |"
              for p, o, c, a in rows]
     text += ["", f"Medians over {args.reps} interleaved fits x {args.steps - 2} timed steps. Reproduce: "
                  f"`python scripts/bench_cbsom.py --device {args.device}`"]
     print("\n".join(text))
-    if args.write:
-        update_section(f"bench_cbsom_{args.device}", "\n".join(text))
+    csv_rows = [[p, o * 1e3, c * 1e3, c / o, a * 1e3, a / o] for p, o, c, a in rows]
+    write_outputs(args, f"bench_cbsom_{args.device}", "\n".join(text), CSV_HEADER, csv_rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ processes.  Every figure is a ratio to a baseline measured in the same run, inte
 table goes to docs/performance.md (section ``dualformer``).
 
     python scripts/bench_dualformer.py [--device cpu] [--sizes 5 10] [--decode-tokens 100 400]
+    python scripts/bench_dualformer.py --no-write --csv rows.csv   # CSV rows only, docs/performance.md untouched
+
+The section is written by default (``--no-write``, or the older ``--no-docs``, skips it; ``--doc PATH`` writes
+another file); ``--csv PATH`` also writes the table's rows.  Maze generation runs on the CPU whatever ``--device``
+(``--mazes`` per size and process count: most of the wall time on a GPU machine); decoding runs
+``max(2, --reps // 3)`` timed repeats.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._report import interleaved_times, update_section  # noqa: E402
+from scripts._report import add_output_args, interleaved_times, write_outputs  # noqa: E402
 
 
 def training(device: str, reps: int, batch_size: int = 32):
@@ -101,7 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-tokens", type=int, nargs="+", default=[100, 400])
     ap.add_argument("--sizes", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--mazes", type=int, default=20000)
-    ap.add_argument("--no-docs", action="store_true")
+    add_output_args(ap, write_default=True)
+    ap.add_argument("--no-docs", dest="write", action="store_false", help=argparse.SUPPRESS)  # older --no-write
     args = ap.parse_args(argv)
     torch.set_num_threads(1) if args.device == "cpu" else None
     times, tokens, model = training(args.device, args.reps)
@@ -125,8 +132,13 @@ def main(argv=None) -> None:
                      f"{r['two']:,.0f} | {r['one']:,.0f} | {r['ratio']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.no_docs:
-        update_section("dualformer", text)
+    rows = [["training target tokens/s vs nn.Transformer", tokens / times["ours"], tokens / times["nn.Transformer"],
+             times["nn.Transformer"] / times["ours"]]]
+    rows += [[f"decode tokens/s, {r['new_tokens']} new tokens, batch 32: KV cache vs recomputing the prefix",
+              r["cached_tok_s"], r["uncached_tok_s"], r["speedup"]] for r in dec]
+    rows += [[f"{r['size']}x{r['size']} mazes generated per second ({args.mazes}): 2 processes vs 1",
+              r["two"], r["one"], r["ratio"]] for r in gen]
+    write_outputs(args, "dualformer", text, ["measure", "ours", "baseline", "ratio"], rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python scripts/bench_fox_generate.py                                    # CPU, tiny recipe shape (d 128, 4x4)
     python scripts/bench_fox_generate.py --d-model 512 --n-layers 8 --n-heads 8   # a wider model
     python scripts/bench_fox_generate.py --device cuda                      # GPU, bf16 weights
-    python scripts/bench_fox_generate.py --write                            # also update docs/performance.md
+    python scripts/bench_fox_generate.py --write [--doc PATH] [--csv PATH]  # update a markdown section / CSV rows
 
 Batch 1, greedy, random weights (the architecture is what matters for speed), prompt lengths 512 and 2048.
 Three ways to generate ``--new-tokens`` tokens, timed round-robin in one process (interleaved repeats, medians):
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_modules.fox_model import FoXConfig, FoXTransformer  # noqa: E402
 from lightning_modules.layers.forgetting_attention import forgetting_attention, native_extension  # noqa: E402
 from lightning_modules.layers.generation import SamplingConfig, generate, left_pad  # noqa: E402
-from scripts._report import interleaved_times, sync, update_section  # noqa: E402
+from scripts._report import add_output_args, interleaved_times, sync, write_outputs  # noqa: E402
 
 MODES = ("fox_cached", "fox_uncached", "nogate_cached")
 GOAL_SPEEDUP_2K = 5.0  # cached >= 5x uncached per decoded token at a 2k prompt
@@ -422,10 +422,10 @@ def verdict(rows: List[dict], krows: List[dict], background: Optional[float] = N
     if len(cpu) > 1:
         one, many = cpu[0], cpu[-1]
         out.append(f"FoX decode step at {many['threads']} threads vs {one['threads']}: {many['decode_ms']:.3f} vs "
-                   f"{one['decode_ms']:.3f} ms (x{many['decode_ms'] / one['decode_ms']:.2f}): the kernel splits work over "
-                   "the threads only above kMinParallelWork multiply-adds (a short decode step stays on the calling "
-                   "thread), so a decode step never pays a thread-pool start-up larger than its work (the issue "
-                   "measured 8 ms at 2 threads vs 0.03 ms at 1 before the fix); the prefill block uses the pool "
+                   f"{one['decode_ms']:.3f} ms (x{many['decode_ms'] / one['decode_ms']:.2f}): the kernel splits "
+                   "work over the threads only above kMinParallelWork multiply-adds (a short decode step stays on "
+                   "the calling thread), so a decode step never pays a thread-pool start-up larger than its work (the "
+                   "issue measured 8 ms at 2 threads vs 0.03 ms at 1 before the fix); the prefill block uses the pool "
                    f"({one['prefill_ms']:.1f} -> {many['prefill_ms']:.1f} ms).")
         if many["decode_nogate_ms"] < one["decode_nogate_ms"]:
             out.append("The no-gate SDPA decode step does split its heads over the threads "
@@ -434,6 +434,23 @@ def verdict(rows: List[dict], krows: List[dict], background: Optional[float] = N
         else:
             out.append("The no-gate SDPA decode step uses the pool and paid its start-up here "
                        f"({one['decode_nogate_ms']:.3f} -> {many['decode_nogate_ms']:.3f} ms).")
+    return out
+
+
+CSV_HEADER = ["prompt", "mode", "prefill_ms", "decode_ms_per_token", "decode_tok_s", "total_s", "faults_per_token",
+              "speedup_cached", "speedup_cached_total", "gate_cost", "gate_cost_prefill", "same_tokens"]
+
+
+def csv_rows(rows: List[dict]) -> List[list]:
+    """The first report table (prompt x mode), each line with its prompt's ratios from the second table."""
+    out = []
+    for r in rows:
+        ratios = [r["speedup_cached"], r["speedup_cached_total"], r["gate_cost"], r["gate_cost_prefill"],
+                  r["same_tokens"]]
+        for m in MODES:
+            x = r[m]
+            out.append([r["prompt"], m, 1e3 * x["prefill_s"], x["ms_per_token"], x["decode_tok_s"], x["total_s"],
+                        x["faults_per_token"], *ratios])
     return out
 
 
@@ -453,8 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--cached-reps", type=int, default=4, help="cached runs of each model per round")
     ap.add_argument("--breakdown-reps", type=int, default=9, help="repeats of the decode-step breakdown (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for generation (default: torch's)")
-    ap.add_argument("--write", action="store_true", help="update docs/performance.md")
-    ap.add_argument("--doc", type=Path, default=None, help=argparse.SUPPRESS)  # tests write elsewhere
+    add_output_args(ap)
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -482,12 +498,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     text = report(result)
     print(text)
     result["text"] = text
-    if args.write:
-        dev = "cuda" if args.device.startswith("cuda") else "cpu"
-        name = f"bench_fox_generate_{dev}" + ("" if (args.d_model, args.n_layers, args.n_heads) == (128, 4, 4)
-                                              else f"_d{args.d_model}_l{args.n_layers}_h{args.n_heads}")
-        name += "" if args.threads is None else f"_t{args.threads}"
-        update_section(name, text, **({} if args.doc is None else {"path": args.doc}))
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    name = f"bench_fox_generate_{dev}" + ("" if (args.d_model, args.n_layers, args.n_heads) == (128, 4, 4)
+                                          else f"_d{args.d_model}_l{args.n_layers}_h{args.n_heads}")
+    name += "" if args.threads is None else f"_t{args.threads}"
+    write_outputs(args, name, text, CSV_HEADER, csv_rows(rows))
     return result
 
 

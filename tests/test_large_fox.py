@@ -62,9 +62,10 @@ def test_shrunk_large_recipe_trains_under_two_process_ddp_on_cpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP runs on CUDA only (Lightning)")
-def test_shrunk_large_recipe_trains_with_its_fsdp_strategy_on_gpu(tmp_path):
+@pytest.mark.parametrize("recipe", ["fox_125m", "fox_760m"])
+def test_shrunk_large_recipe_trains_with_its_fsdp_strategy_on_gpu(recipe, tmp_path):
     tokens = write_token_dir(tmp_path / "tokens")
-    proc = run_cli(["fit", "--config", "recipes/fox_760m.yaml", f"--data.init_args.path={tokens}", *SHRINK_LARGE_FOX,
+    proc = run_cli(["fit", "--config", f"recipes/{recipe}.yaml", f"--data.init_args.path={tokens}", *SHRINK_LARGE_FOX,
                     f"--trainer.devices={torch.cuda.device_count()}", "--trainer.max_steps=2",
                     "--trainer.val_check_interval=2", *run_dir_args(tmp_path / "run")])
     assert proc.returncode == 0, proc.stderr[-3000:]

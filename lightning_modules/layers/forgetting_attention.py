@@ -524,8 +524,11 @@ def _flex_forgetting_attention(q, k, v, c, scale, q_starts=None, compiled: Optio
         ok = (qi < n_q) & (qi + off >= kvi)
         return ok if starts is None else ok & (kvi >= starts[bi, qi])
 
+    # on CUDA the block mask is built compiled, tile by tile: uncompiled it materialises a Tq x Tk boolean mask
+    # (256 MiB at 16k, more in temporaries), which makes the flex path's memory O(T^2).  (Inductor's CPU build of
+    # this graph fails in torch 2.14; the CPU path is forward-only and short anyway.)
     block_mask = create_block_mask(visible_mod, None if starts is None else b, None, tq_pad, tk_pad,
-                                   device=q.device)
+                                   device=q.device, _compile=use_compile and q.is_cuda)
     q, k, v = _pad_to(q, 2, tq_pad), _pad_to(k, 2, tk_pad), _pad_to(v, 2, tk_pad)
     if use_compile:
         if _compiled_flex is None:
