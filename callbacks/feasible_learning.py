@@ -175,6 +175,8 @@ class FeasibleLearning(L.Callback):
         index = index.to(device=losses.device, dtype=torch.long)
         if self.mode == "cserm":
             return torch.relu(losses - self.epsilon).pow(2).mean()
+        if self.lam is not None and self.lam.device != losses.device:  # lambda starts on the CPU: read it on the
+            self.lam = self.lam.to(losses.device)  # losses' device (a CPU tensor cannot be indexed by a CUDA index)
         before = self.lam[index].clone() if self.update_order == "simultaneous" and self.lam is not None else None
         self._dual_update(losses, index)
         lam = self.lam[index] if before is None else before.to(self.lam.device)

@@ -52,10 +52,11 @@ class CrossTaskAccuracy(Metric):
         """``predictions``: ``(bias sets, batch)`` class indices."""
         n = self.count.shape[0]
         own = predictions.gather(0, task[None]).squeeze(0)
-        onehot = F.one_hot(task, n).T.long()  # (tasks, batch)
-        self.correct += (predictions == y).long() @ onehot.T
-        self.changed += (predictions != own).long() @ onehot.T
-        self.count += onehot.sum(1)
+        # per-task sums by index_add_, not an integer matmul: CUDA has no int64 matmul ("addmm_cuda" / "mm" not
+        # implemented for 'Long')
+        self.correct.index_add_(1, task, (predictions == y).long())
+        self.changed.index_add_(1, task, (predictions != own).long())
+        self.count += F.one_hot(task, n).sum(0)
 
     def compute(self) -> dict:
         count = self.count.clamp(min=1).double()
@@ -136,7 +137,7 @@ class BiasLearningMLP(L.LightningModule):
         out = x.new_empty(x.shape[0], self.hparams.num_classes)
         for t in task_index.unique().tolist():
             rows = task_index == t
-            out[rows] = self(x[rows], self.tasks[t])
+            out[rows] = self(x[rows], self.tasks[t]).to(out.dtype)  # bf16 under autocast; index_put needs one dtype
         return out
 
     @property

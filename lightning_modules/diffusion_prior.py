@@ -77,7 +77,7 @@ class DiffusionPrior(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x = self.sample(self.hparams.eval_samples, self.hparams.eval_seed)
         if self.hparams.task == "ring":
-            metrics = ring_metrics(x, RingReward(), ring_target(0.0)[0])
+            metrics = ring_metrics(x, RingReward().to(x.device), ring_target(0.0)[0])
             keep = ("on_support", "mode_entropy", "pair_dist")
         else:
             clf = digits_classifier()[0].to(x.device)

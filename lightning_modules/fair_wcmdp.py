@@ -118,8 +118,8 @@ class GGFLinearProgram(L.LightningModule):
         row, x_star = self._solve(job)
         opt = self.optimizers()
         opt.zero_grad()
-        self.x.grad = (self.x.detach() - torch.as_tensor(x_star, dtype=D)) if x_star is not None else \
-            torch.zeros_like(self.x)
+        self.x.grad = (self.x.detach() - torch.as_tensor(x_star, dtype=D, device=self.x.device)) \
+            if x_star is not None else torch.zeros_like(self.x)
         opt.step()
         self.results = [r for r in self.results if r["policy"] != job] + [row]
         log = dict(on_step=True, on_epoch=False, batch_size=1)

@@ -261,14 +261,20 @@ class FoXLM(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_eval()
 
+    def _network_device(self) -> torch.device:
+        """Where the network's parameters are.  Not ``self.device``: under FSDP (the large recipes' ``BlockFSDP``)
+        torch moves the parameters but never calls the module's ``.to``, so Lightning's ``self.device`` stays CPU."""
+        return next(self.model.parameters()).device
+
     def _start_eval(self) -> None:
         eval_len = self._datamodule_value("eval_seq_len") or self.train_seq_len
         if eval_len is None:
             raise ValueError("cannot size the per-position evaluation: set model.train_seq_len or use a datamodule "
                              "with seq_len / eval_seq_len")
         cfg = self.model.cfg
-        self.pos_loss = PositionalLoss(int(eval_len)).to(self.device)
-        self.gate_stats = GateStats(cfg.n_layers, cfg.n_heads).to(self.device)
+        device = self._network_device()
+        self.pos_loss = PositionalLoss(int(eval_len)).to(device)
+        self.gate_stats = GateStats(cfg.n_layers, cfg.n_heads).to(device)
         for blk in self.model.blocks:
             blk.attn.record_gates = cfg.fgate != "none"
 
@@ -313,7 +319,9 @@ class FoXLM(L.LightningModule):
         if not isinstance(batch, dict) or "tokens" not in batch:
             raise ValueError("FoXLM.predict_step needs prompt batches ({'tokens', 'segment_ids', ...}) from a text "
                              "datamodule's predict_dataloader")
-        generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed * 1_000_003 + batch_idx)
+        # the prompts' device (Lightning moved the batch there), not self.device, which is CPU under FSDP
+        generator = torch.Generator(device=batch["tokens"].device).manual_seed(self.sampling.seed * 1_000_003
+                                                                                 + batch_idx)
         eos = self._datamodule_value("eos_id")
         start = time.perf_counter()
         new = generate(self.model.generation_step, batch["tokens"], batch["segment_ids"], self.sampling,
@@ -349,6 +357,20 @@ class FoXLM(L.LightningModule):
                 self.log(f"gates/L{layer}_mean_log_f", mean[layer].mean().float())
 
     # ---------------------------------------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP clip by norm through the root FSDP module, which reduces the norm over every shard: Lightning's
+        FSDP precision plugin refuses ``gradient_clip_algorithm='norm'`` (the large recipes' ``gradient_clip_val:
+        1.0`` would stop at the first optimizer step).  Anything else: Lightning's own clipping."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel) and gradient_clip_val and \
+                (gradient_clip_algorithm is None or gradient_clip_algorithm == "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),

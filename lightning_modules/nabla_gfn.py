@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lightning_modules.layers.diffusion import GaussianChain, make_eps_net, zero_output
-from lightning_modules.nabla_gfn_align import DiffusionAlignment
+from lightning_modules.nabla_gfn_align import DiffusionAlignment, outside_autocast
 
 GAMMAS = ("squared", "sqrt")
 WEIGHTINGS = ("none", "eps")
@@ -98,16 +98,21 @@ def nabla_db_losses(chain: GaussianChain, policy: nn.Module, prior: nn.Module, f
         eps_theta = policy(xt, t_cur)  # graph to theta (forward loss, regulariser) and to x_t
         mu_theta = chain.mean(xt, eps_theta, k)
         logp_theta = -((x_prev - mu_theta) ** 2 / (2 * var)).sum()
-        rev_theta, = torch.autograd.grad(logp_theta, xt, retain_graph=True)
-        rg_cur, = torch.autograd.grad(reward(chain.x0_hat(xt, eps_theta, k)).sum(), xt, retain_graph=True)
+        r_cur = reward(chain.x0_hat(xt, eps_theta, k)).sum()
+        with outside_autocast(xt):  # the rewards' gradients in float32 under bf16-mixed too
+            rev_theta, = torch.autograd.grad(logp_theta, xt, retain_graph=True)
+            rg_cur, = torch.autograd.grad(r_cur, xt, retain_graph=True)
         xt_p = x_t.detach().requires_grad_(True)
         eps_prior = prior(xt_p, t_cur)
         mu_prior = chain.mean(xt_p, eps_prior, k)
-        rev_prior, = torch.autograd.grad(-((x_prev - mu_prior) ** 2 / (2 * var)).sum(), xt_p)
+        logp_prior = -((x_prev - mu_prior) ** 2 / (2 * var)).sum()
         xn = x_prev.detach().requires_grad_(True)
         x0_next = chain.x0_hat(xn, policy(xn, t_next), j_next)
         x0_next = torch.where(tmask.bool(), xn, x0_next)  # the terminal state: the reward at the sample itself
-        rg_next, = torch.autograd.grad(reward(x0_next).sum(), xn)
+        r_next = reward(x0_next).sum()
+        with outside_autocast(xn):
+            rev_prior, = torch.autograd.grad(logp_prior, xt_p)
+            rg_next, = torch.autograd.grad(r_next, xn)
 
     # (mu_theta - x) / var - kappa (mu_prior - x) / var, written without cancelling two large scores
     s_fwd = (mu_theta - kappa * mu_prior.detach() - (1 - kappa) * x_prev) / var
@@ -174,8 +179,9 @@ class NablaGFN(DiffusionAlignment):
         g = self.generator()
         fresh = self.sample(hp.batch_size, g, keep=True)
         batch = fresh
-        if hp.sample_lag:
-            batch, self._lagged = (self._lagged or fresh), {key: v.detach() for key, v in fresh.items()}
+        if hp.sample_lag:  # restored from a checkpoint before Lightning moved the module, the lag is on the CPU
+            lagged = {key: v.to(fresh[key].device) for key, v in self._lagged.items()} if self._lagged else None
+            batch, self._lagged = (lagged or fresh), {key: v.detach() for key, v in fresh.items()}
         states, eps_old = batch["states"], batch["eps"]
         K = self.chain.num_steps
         steps = subsample_steps(K, hp.batch_size, hp.timestep_fraction, g, hp.stratified).to(states.device)
@@ -198,7 +204,8 @@ class NablaGFN(DiffusionAlignment):
             if self.flow is not None:
                 loss = loss + share * hp.reverse_scale * parts["rev"] + t_share * parts["terminal"]
             if chunk < len(k):
-                self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                with outside_autocast(loss):
+                    self.manual_backward(loss) if self._trainer is not None else loss.backward()
             sums["loss"] = sums["loss"] + (loss.detach() if chunk < len(k) else loss)
             for key in ("fwd", "rev", "reg"):
                 sums[key] = sums[key] + share * parts[key].detach()

@@ -30,6 +30,12 @@ from lightning_modules.nabla_gfn_rewards import (ClassifierReward, FolderReward,
                                                  sample_records)
 
 
+def outside_autocast(t: torch.Tensor):
+    """For a backward pass: Lightning runs a manual-optimisation ``training_step`` (and so its backward passes) inside
+    bf16-mixed's autocast, which would redo the matmuls of the float32 parts of the graph (the rewards) in bf16."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def make_reward(task: str, spec: Optional[Dict[str, Any]]) -> nn.Module:
     """``spec``: ``{"kind": "ring", "center", "rho"}``, ``{"kind": "classifier", "classes", "ink"}`` or
     ``{"kind": "folder", "path", "label"}``; ``None``: the task's default (ring; the digit 3)."""
@@ -159,7 +165,8 @@ class DiffusionAlignment(L.LightningModule):
         opt.zero_grad()
         out = self.alignment_loss()
         if not out.pop("accumulated", False):  # a method that back-propagates in micro-batches has done it
-            self.manual_backward(out["loss"])
+            with outside_autocast(out["loss"]):
+                self.manual_backward(out["loss"])
         for group in opt.optimizer.param_groups:  # clipped separately per group, as the official code does
             if self.hparams.clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], self.hparams.clip)

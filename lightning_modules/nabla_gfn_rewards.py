@@ -56,7 +56,9 @@ def ring_target(beta: float, center: Sequence[float] = (4.0, 0.0), rho: float = 
 
 def ring_metrics(x: torch.Tensor, reward: nn.Module, target_weights: torch.Tensor) -> Dict[str, float]:
     """On-support: within 3 S of a prior mode; mode occupancy (of the on-support samples, by nearest mode), its
-    entropy and its total-variation distance to ``target_weights``; mean pairwise distance (first 1,000 samples)."""
+    entropy and its total-variation distance to ``target_weights``; mean pairwise distance (first 1,000 samples).
+    The reward is computed on ``x``'s device (``reward`` is there too: a submodule on the GPU)."""
+    reward_mean = float(reward(x.detach().float()).mean())
     x = x.detach().double().cpu()
     modes = ring_modes()
     dist = torch.cdist(x, modes)
@@ -68,7 +70,7 @@ def ring_metrics(x: torch.Tensor, reward: nn.Module, target_weights: torch.Tenso
     sub = x[:1000]
     pair = torch.cdist(sub, sub)
     n = len(sub)
-    out = {"reward": float(reward(x.float()).mean()), "on_support": float(on.double().mean()),
+    out = {"reward": reward_mean, "on_support": float(on.double().mean()),
            "mode_entropy": entropy, "tv": float(0.5 * (occ - target_weights.double()).abs().sum()),
            "pair_dist": float(pair.sum() / max(1, n * (n - 1)))}
     out.update({f"mode_{k}": float(occ[k]) for k in range(len(modes))})
@@ -141,9 +143,12 @@ class ClassifierReward(nn.Module):
         self.classifier = digits_classifier(seed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(self.classifier(x), dim=-1)
-        out = torch.logsumexp(logp[:, self.classes], dim=-1)
-        return out + self.ink * x.flatten(1).mean(-1) if self.ink else out
+        # float32 under bf16-mixed too (as DecodedReward): its input gradient steers the samples
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            logp = torch.log_softmax(self.classifier(x), dim=-1)
+            out = torch.logsumexp(logp[:, self.classes], dim=-1)
+            return out + self.ink * x.flatten(1).mean(-1) if self.ink else out
 
 
 class FolderReward(nn.Module):
@@ -204,7 +209,7 @@ def image_metrics(x: torch.Tensor, reward: nn.Module, classifier: DigitsClassifi
     samples) and to ``ref_class_features`` (``fd_class``: the prior's samples labelled as one of ``classes``, what
     ``p_prior r`` looks like for a class reward at beta = 1), and the mean pairwise feature distance (first 1,000
     samples)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the reference's features
         feats = classifier.features(x.float())
         prob = torch.softmax(classifier.head(feats), dim=-1)
         r = reward(x.float())

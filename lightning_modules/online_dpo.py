@@ -58,7 +58,7 @@ class Critic(nn.Module):
 
     def forward(self, prompts, prompt_mask, responses, response_mask) -> torch.Tensor:
         _, states = lm_forward(self.backbone, prompts, prompt_mask, responses, response_mask, hidden=True)
-        return self.head(states).squeeze(-1)
+        return self.head(states).squeeze(-1).float()  # float32 values under bf16-mixed (GAE, the value loss)
 
 
 class OnlineRLHF(L.LightningModule):

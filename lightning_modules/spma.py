@@ -165,7 +165,9 @@ class TabularPolicyOptimization(L.LightningModule):
         self.j_star = tabular_mdp.optimal(self.mdp)["J"]
         S, A = self.mdp.states, self.mdp.actions
         if self.hparams.method == "spma_loglinear":
-            self.phi = features(self.hparams.feature_kind, S, A, self.hparams.feature_dim, self.hparams.seed)
+            # a buffer, so that it moves with the module (to the GPU); not saved: rebuilt from the hyperparameters
+            self.register_buffer("phi", features(self.hparams.feature_kind, S, A, self.hparams.feature_dim,
+                                                 self.hparams.seed), persistent=False)
             self.z = nn.Parameter(torch.zeros(self.phi.shape[-1], dtype=D))  # theta = 0: the uniform policy
         else:
             self.z = nn.Parameter(torch.full((S, A), -torch.log(torch.tensor(float(A))).item(), dtype=D))

@@ -444,7 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     steps = ["pytest", "recipes", "bench"]
     ap.add_argument("--steps", nargs="+", choices=steps, default=steps, help="which steps to run (default: all)")
     ap.add_argument("--recipes", nargs="+", default=None, help="only these recipes (default: all of recipes ls)")
-    ap.add_argument("--jobs", type=int, default=8, help="recipes run at the same time")
+    ap.add_argument("--jobs", type=int, default=12, help="recipes run at the same time")
     ap.add_argument("--per-recipe", type=float, default=150.0, help="time limit of one recipe run, seconds")
     ap.add_argument("--budget", type=float, default=480.0, help="time limit of the whole check, seconds")
     args = ap.parse_args(argv)

@@ -158,6 +158,13 @@ def test_eos_truncation_and_sampling_from_a_configured_hugging_face_model():
     assert ended.any() and (a[m == 0] == 0).all()  # a 6-token vocabulary ends some responses early; pad after EOS
 
 
+def test_eos_mask_without_eos_id_keeps_the_responses_device():
+    from lightning_modules.layers.causal_lm import eos_mask
+
+    mask, has_eos = eos_mask(torch.zeros(2, 3, dtype=torch.long, device="meta"), None)
+    assert mask.device.type == "meta" and has_eos.device.type == "meta" and has_eos.shape == (2,)
+
+
 def test_toy_gold_reward_and_pack():
     prompts = torch.tensor([[0, 3, 7, 2]])
     perfect = torch.tensor([[1, 4, 0, 3, 1, 4, 0, 3]])
@@ -255,6 +262,16 @@ def test_the_actor_ends_when_the_learner_is_killed(tmp_path):
     while worker_pids_alive([pid]) and time.time() < deadline:
         time.sleep(0.05)
     assert not worker_pids_alive([pid])
+
+
+def test_critic_values_are_float32_under_bf16_autocast():
+    from lightning_modules.layers.causal_lm import TinyGRULM
+    from lightning_modules.online_dpo import Critic
+
+    critic = Critic(TinyGRULM())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = critic(torch.randint(0, 8, (2, 4)), torch.ones(2, 4), torch.randint(0, 8, (2, 8)), torch.ones(2, 8))
+    assert values.dtype == torch.float32 and values.shape == (2, 8)
 
 
 def test_critic_values_and_policy_logits_at_token_t_do_not_see_token_t():

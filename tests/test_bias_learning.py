@@ -98,6 +98,19 @@ def test_each_sample_goes_through_its_own_tasks_biases():
         model(x, "d")
 
 
+def test_mixed_task_batches_run_under_bf16_autocast():
+    """bf16-mixed (the GPU check's precision): each task's logits come out of autocast in bf16 and are written into
+    the batch's float32 output (index_put needs one dtype); the loss is float32 and reaches the biases."""
+    model = BiasLearningMLP(width=64, tasks=TASKS, seed=2)
+    x, y, task = _batch(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.logits_by_task(x, task)
+        loss = model.training_step((x, y, task), 0)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(model.hidden.biases[name].grad is not None for name in TASKS)
+
+
 def test_training_one_task_leaves_every_other_tasks_biases_bit_identical():
     model = BiasLearningMLP(width=64, tasks=TASKS, seed=3)
     opt = model.configure_optimizers()

@@ -210,3 +210,40 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_evaluation_state_lives_on_the_networks_device_not_self_device():
+    """Under FSDP (the large recipes) torch moves the parameters without the module's ``.to``, so Lightning's
+    ``self.device`` stays CPU while the network is on the GPU: the per-position and gate metrics must follow the
+    parameters (here ``self.device`` is made to disagree with them)."""
+    lm = FoXLM(vocab_size=50, d_model=32, n_layers=2, n_heads=4, mlp_multiple_of=16, train_seq_len=8)
+    lm._device = torch.device("meta")
+    lm._start_eval()
+    assert lm.pos_loss.total.device.type == "cpu" and lm.gate_stats.n.device.type == "cpu"
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        lm._eval_step((x[:, :-1], x[:, 1:]), 0)
+    assert int((lm.pos_loss.count > 0).sum()) == 8 and float(lm.gate_stats.n) == 2 * 8
+
+
+def test_gradient_clipping_under_fsdp_goes_through_the_root_module():
+    """Lightning's FSDP precision plugin refuses clipping by norm; the large recipes clip at 1.0 through the root
+    FSDP module's ``clip_grad_norm_`` instead (an FSDP subclass that records the call stands in for it on CPU)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class RecordingFSDP(FullyShardedDataParallel):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.calls = []
+
+        def clip_grad_norm_(self, max_norm, norm_type=2.0):
+            self.calls.append(max_norm)
+
+    lm = FoXLM(vocab_size=50, d_model=32, n_layers=1, n_heads=4, mlp_multiple_of=16)
+    root = RecordingFSDP()
+    lm._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    lm.configure_gradient_clipping(None, 1.0, "norm")
+    lm.configure_gradient_clipping(None, 0.5, None)
+    assert root.calls == [1.0, 0.5]

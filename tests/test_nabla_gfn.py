@@ -228,6 +228,45 @@ def test_ring_metrics_and_frechet_distance():
     assert frechet_distance(a, 2 * a) == pytest.approx(float(a.T.cov().trace() + (a.mean(0) ** 2).sum()), rel=1e-6)
 
 
+class _Scale(torch.nn.Module):
+    """An epsilon network without matmuls (autocast leaves it in float32)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a))
+
+    def forward(self, x, t):
+        return self.a * x + 1e-3 * t.float().reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def test_classifier_reward_metrics_and_reward_gradients_stay_float32_under_bf16_autocast():
+    """Under bf16-mixed (a manual-optimisation training step runs inside autocast) the rewards, their input
+    gradients (which steer the samples) and the metrics' classifier features (compared with the reference's,
+    computed outside autocast) are float32: the same as without autocast."""
+    from lightning_modules.nabla_gfn_rewards import ClassifierReward, image_metrics
+
+    reward, clf = ClassifierReward(classes=[3]), digits_classifier()[0]
+    x = digits("test")[0][:64]
+    chain = build_chain("ddim", CFG, 10, 1.0)
+    k, ref_features = torch.tensor([9, 3, 5, 9]), clf.features(x)
+    x_t, x_prev, eps_old = x[:4], x[4:8], torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        r = reward(xg)
+        with torch.autocast("cpu", enabled=False):  # a backward pass outside autocast, as the call sites run it
+            grad, = torch.autograd.grad(r.sum(), xg)
+        parts = nabla_db_losses(chain, _Scale(0.3), _Scale(0.5), None, reward, x_t, x_prev, eps_old, k, 1.0)
+        metrics = image_metrics(x, reward, clf, ref_features, [3])
+        return r, grad, parts, metrics
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(got[2][key], want[2][key]) for key in want[2]) and got[3] == want[3]
+
+
 def test_digits_classifier_reward_and_folder_rewards(tmp_path):
     clf, acc = digits_classifier()
     assert acc > 0.9

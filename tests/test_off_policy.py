@@ -142,6 +142,24 @@ def test_dqn_double_and_c51_updates_use_the_pure_losses():
     assert torch.allclose(q, (logits.softmax(-1) * support).sum(-1), atol=1e-6)
 
 
+@pytest.mark.parametrize("distributional", [False, True])
+def test_the_losses_targets_and_priorities_are_float32_under_bf16_autocast(distributional):
+    """bf16-mixed: the targets (C51's projection scatters float32 masses: CPU autocast keeps softmax in bf16), the
+    loss and the priorities stay float32, with double DQN and prioritised weights."""
+    torch.manual_seed(0)
+    obs_shape, A = (10, 10, 4), 3
+    batch = {"obs": torch.rand(5, *obs_shape) > 0.5, "next_obs": torch.rand(5, *obs_shape) > 0.5,
+             "actions": torch.tensor([0, 1, 2, 1, 0]), "returns": torch.randn(5), "discounts": torch.rand(5),
+             "weights": torch.rand(5)}
+    m = SoftMoEDQN(head="softmoe", scale=1, double=True, distributional=distributional, atoms=11, seed=0)
+    m.build(obs_shape, A, "bool")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, priorities, _ = m.loss(batch)
+    assert loss.dtype == priorities.dtype == torch.float32 and torch.isfinite(loss)
+    ref, _, _ = m.loss(batch)
+    assert torch.allclose(loss, ref, rtol=0.1), (loss, ref)
+
+
 def test_atari_preprocessing_gives_stacked_84x84_uint8_frames():
     dm = ReplayDataModule(env_id="ALE/Pong-v5", atari=True, warmup_steps=10, capacity=100)
     space = dm.observation_space
@@ -222,3 +240,18 @@ def test_two_ddp_ranks_keep_their_own_replay_and_resume_exactly(tmp_path):
     for ra, rb in zip(ranks, b["ReplayDataModule"]["ranks"]):
         assert torch.equal(ra["buffer"]["obs"], rb["buffer"]["obs"]) and ra["rng"] == rb["rng"]
         assert minatar_states(ra["envs"]) == minatar_states(rb["envs"])
+
+
+def test_greedy_actions_are_taken_in_float32_under_bf16_autocast():
+    """The data module acts inside the training step's autocast; Q-values that bf16 would round into a tie must still
+    give the float32 argmax (a tie sends argmax to action 0)."""
+    class Probe(torch.nn.Module):
+        def forward(self, obs):  # Q = (1, 1.001) * obs: distinct in float32, one bf16 value near 1
+            return torch.nn.functional.linear(obs, torch.tensor([[1.0], [1.001]]))
+
+    m = SoftMoEDQN(head="flatten", scale=1, seed=0)
+    m.online = Probe()
+    obs = torch.ones(3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.online(obs).dtype == torch.bfloat16 and m.online(obs).argmax(-1).tolist() == [0, 0, 0]  # the tie
+        assert m.greedy_actions(obs).tolist() == [1, 1, 1]

@@ -130,3 +130,27 @@ def test_tabular_bad_input_is_one_line(extra, needle, tmp_path, capsys):
                  *run_dir_args(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], err[-3:]
+
+
+@pytest.mark.parametrize("method", ["spma", "spma_loglinear"])
+def test_the_tabular_module_moves_with_its_device_and_bf16_autocast_leaves_it_alone(method, tmp_path):
+    """What a GPU run needs: log-linear SPMA's features are a buffer (they move with the module; not saved), the
+    exact evaluation runs on the policy's device, and bf16-mixed autocast is a no-op on the float64 iterations."""
+    import lightning as L
+
+    from datamodules.tabular_mdp import TabularMDPDataModule
+    from lightning_modules.spma import TabularPolicyOptimization
+
+    z = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = TabularPolicyOptimization(method=method, eta=0.5)
+        trainer = L.Trainer(max_steps=5, precision=precision, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path)
+        trainer.fit(model, TabularMDPDataModule(iterations_per_epoch=5))
+        z[precision] = model.z.detach().clone()
+    assert z["32-true"].dtype == D and torch.equal(z["32-true"], z["bf16-mixed"])
+    if method == "spma_loglinear":
+        assert dict(model.named_buffers())["phi"].dtype == D and "phi" not in model.state_dict()
+    ev = tm.evaluate(tm.chain(), model.policy())  # the MDP's tensors follow the policy's device (here the CPU)
+    assert ev["V"].device == ev["A"].device == ev["d"].device == model.z.device

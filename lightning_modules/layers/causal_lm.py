@@ -101,7 +101,8 @@ def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
 def eos_mask(responses: torch.Tensor, eos_id: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """1 up to and including the first EOS (everything when ``eos_id`` is None), and whether each row has one."""
     if eos_id is None:
-        return torch.ones_like(responses, dtype=torch.float32), torch.zeros(len(responses), dtype=torch.bool)
+        return (torch.ones_like(responses, dtype=torch.float32),
+                torch.zeros(len(responses), dtype=torch.bool, device=responses.device))
     is_eos = responses == eos_id
     before = (is_eos.long().cumsum(1) - is_eos.long()) == 0
     return before.float(), is_eos.any(1)

@@ -94,7 +94,10 @@ class ValueBasedModule(EpisodeEvaluation, L.LightningModule):
     # ------------------------------------------------------------------ the data module's policy
     @torch.no_grad()
     def greedy_actions(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.q_values(self.online(obs)).argmax(-1)
+        # in float32 even under bf16-mixed (the data module acts inside the training step's autocast): bf16 Q-values
+        # tie often, and argmax sends every tie to action 0 (noop in MinAtar and Atari)
+        with torch.autocast(obs.device.type, enabled=False):
+            return self.q_values(self.online(obs)).argmax(-1)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -117,7 +120,8 @@ class ValueBasedModule(EpisodeEvaluation, L.LightningModule):
             q_next = self.q_values(next_target)
             choose = self.q_values(next_online) if next_online is not None else q_next
             best = choose.argmax(-1)
-            next_probs = next_target.softmax(-1)[torch.arange(B, device=obs.device), best]
+            # float32 under any autocast (CPU's keeps softmax in bf16): the projection scatters float32 masses into it
+            next_probs = next_target.float().softmax(-1)[torch.arange(B, device=obs.device), best]
             target = categorical_projection(next_probs, batch["returns"], batch["discounts"], self.support)
             per_sample = categorical_loss(out, batch["actions"], target, reduction="none")
             priorities = per_sample.detach()

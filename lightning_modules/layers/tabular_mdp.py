@@ -45,20 +45,23 @@ class TabularMDP:
         return self.P.shape[1]
 
 
-def _resolvent(mdp: TabularMDP, pi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    P_pi = torch.einsum("sa,sat->st", pi, mdp.P)
-    eye = torch.eye(mdp.states, dtype=D)
-    return eye - mdp.gamma * P_pi, (pi * mdp.r).sum(-1)
+def _resolvent(mdp: TabularMDP, pi: torch.Tensor, P: torch.Tensor,
+               r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    P_pi = torch.einsum("sa,sat->st", pi, P)
+    eye = torch.eye(mdp.states, dtype=D, device=pi.device)
+    return eye - mdp.gamma * P_pi, (pi * r).sum(-1)
 
 
 def evaluate(mdp: TabularMDP, pi: torch.Tensor) -> dict:
-    """Exact ``V`` (S), ``Q`` and ``A`` (S, A), ``J`` and the occupancy ``d`` (S) of a policy ``pi`` (S, A)."""
+    """Exact ``V`` (S), ``Q`` and ``A`` (S, A), ``J`` and the occupancy ``d`` (S) of a policy ``pi`` (S, A), on
+    ``pi``'s device (the MDP, built on the CPU, is copied there: a module's policy may live on a GPU)."""
     pi = pi.to(D)
-    M, r_pi = _resolvent(mdp, pi)
+    P, r, rho = (t.to(pi.device) for t in (mdp.P, mdp.r, mdp.rho))
+    M, r_pi = _resolvent(mdp, pi, P, r)
     V = torch.linalg.solve(M, r_pi)
-    Q = mdp.r + mdp.gamma * torch.einsum("sat,t->sa", mdp.P, V)
-    d = (1 - mdp.gamma) * torch.linalg.solve(M.T, mdp.rho)
-    return {"V": V, "Q": Q, "A": Q - V[:, None], "J": float(mdp.rho @ V), "d": d}
+    Q = r + mdp.gamma * torch.einsum("sat,t->sa", P, V)
+    d = (1 - mdp.gamma) * torch.linalg.solve(M.T, rho)
+    return {"V": V, "Q": Q, "A": Q - V[:, None], "J": float(rho @ V), "d": d}
 
 
 def optimal(mdp: TabularMDP, max_iter: int = 10_000) -> dict:
