@@ -3,6 +3,8 @@
     bash scripts/gpu_check.sh OUT [--wheels DIR]         # on a CUDA machine, about 8 minutes
     bash scripts/gpu_check.sh OUT --dry-run              # anywhere: list the commands and check that each parses
     python scripts/gpu_check.py merge OUT                # copy OUT's measured tables into docs/performance.md
+    python scripts/gpu_check.py OUT --device cpu --steps recipes --budget 3600 --recipe-step 3500 --jobs 2
+                                                         # the same run rehearsed on a CPU machine
 
 Steps, each under its own time limit inside one overall budget (``--budget``, 480 s):
 
@@ -65,7 +67,8 @@ CPU_ONLY = ("--trainer.accelerator=", "--trainer.precision=", "--trainer.strateg
             "--data.init_args.actor_device=")
 GPU_RUN = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
            "--trainer.fast_dev_run=3", "--trainer.enable_progress_bar=false"]
-STEP_LIMITS = {"pytest": 130, "recipes": 150}  # + 200 s of benchmarks = the 480 s budget
+CPU_RUN = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.fast_dev_run=3",
+           "--trainer.enable_progress_bar=false"]  # --device cpu: a rehearsal in the recipes' CPU settings
 
 
 @dataclass
@@ -93,30 +96,44 @@ def pytest_command(out: Path, collect_only: bool = False) -> List[str]:
             *(["--collect-only"] if collect_only else [f"--junitxml={out / 'pytest_gpu.xml'}"]), *gpu_test_files()]
 
 
-def recipe_args(name: str, folder: Path) -> List[str]:
-    """The ``python -m recipes`` arguments of one recipe's GPU run (writes its small data under ``folder``)."""
+def recipe_args(name: str, folder: Path, device: str = "cuda") -> List[str]:
+    """The ``python -m recipes`` arguments of one recipe's GPU run (writes its small data under ``folder``); with
+    ``device='cpu'`` the same run in the settings the CPU tests use."""
     from tests.helpers import recipe_data_args, run_dir_args
 
     path = ROOT / "recipes" / f"{name}.yaml"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # a tiny prior's fit
-        data = [a for a in recipe_data_args(path, folder / "data") if not a.startswith(CPU_ONLY)]
+        data = recipe_data_args(path, folder / "data")
+    if device == "cpu":
+        return ["fit", "--config", f"recipes/{name}.yaml", *data, *CPU_RUN, *run_dir_args(folder / "run")]
+    data = [a for a in data if not a.startswith(CPU_ONLY)]
     if re.search(r"actor_device: cuda", path.read_text()):  # the actor shares the one GPU
         data.append("--data.init_args.actor_device=cuda:0")
     return ["fit", "--config", f"recipes/{name}.yaml", *data, *GPU_RUN, *run_dir_args(folder / "run")]
 
 
-def bench_command(name: str, args: List[str], out: Path) -> List[str]:
+def bench_command(name: str, args: List[str], out: Path, device: str = "cuda") -> List[str]:
+    args = [device if i and args[i - 1] == "--device" else a for i, a in enumerate(args)]
     return [sys.executable, *args, "--write", f"--doc={out / 'performance.md'}", f"--csv={out / 'bench' / name}.csv"]
 
 
+TIMINGS = ROOT / "scripts" / "gpu_check_timings.csv"  # recipes.csv of a rehearsal: the order of the recipe step
+
+
 def planned_recipes(only: Optional[List[str]]) -> list:
+    """The recipes of ``recipes ls`` (or ``only``), longest first by the last rehearsal's timings (``TIMINGS``;
+    a recipe it lacks counts as the longest), so that the step's deadline cuts no long run started last."""
     rows = catalog_recipes()
     if only:
         unknown = sorted(set(only) - {r.name for r in rows})
         if unknown:
             raise SystemExit(f"error: unknown recipe(s) {', '.join(unknown)}; see python -m recipes ls")
         rows = [r for r in rows if r.name in only]
-    return sorted(rows, key=lambda r: r.size != "gpu")  # the GPU-sized recipes first
+    seconds = {}
+    if TIMINGS.exists():
+        with open(TIMINGS) as fh:
+            seconds = {row["recipe"]: float(row["seconds"]) for row in csv.DictReader(fh)}
+    return sorted(rows, key=lambda r: -seconds.get(r.name, float("inf")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,12 +155,16 @@ def run_logged(cmd: List[str], log: Path, timeout: float, env: Optional[dict] = 
             os.killpg(proc.pid, signal.SIGKILL)  # the run and every process it started
             proc.wait()
             status = "timed out"
-    return status, time.time() - start, last_error(log)
+    detail = last_error(log)
+    if status == "timed out":
+        detail = f"stopped at its {timeout:.0f} s limit; last output: {detail or '(none)'}"
+    return status, time.time() - start, detail[:300]
 
 
 def last_error(log: Path) -> str:
-    """The most telling line of a log: the last line that names an error, else the last line."""
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    """The most telling line of a log: the last line that names an error, else the last line (the command line
+    the log starts with excluded)."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()[1:] if ln.strip()]
     errors = [ln for ln in lines if re.search(r"error|Error|FAILED|Traceback|Killed", ln)]
     return (errors or lines or [""])[-1][:300]
 
@@ -156,9 +177,9 @@ class Budget:
         return self.end - time.time()
 
 
-def run_pytest(out: Path, budget: Budget) -> Result:
+def run_pytest(out: Path, budget: Budget, limit: float) -> Result:
     r = Result("pytest -m gpu", "pytest", log="logs/pytest_gpu.log")
-    limit = min(STEP_LIMITS["pytest"], budget.left())
+    limit = min(limit, budget.left())
     r.status, r.seconds, r.detail = run_logged(pytest_command(out), out / r.log, limit)
     xml = out / "pytest_gpu.xml"
     if xml.exists():
@@ -170,33 +191,35 @@ def run_pytest(out: Path, budget: Budget) -> Result:
     return r
 
 
-def run_recipes(out: Path, budget: Budget, only: Optional[List[str]], jobs: int, per_recipe: float) -> List[Result]:
-    deadline = time.time() + min(STEP_LIMITS["recipes"], budget.left())
-    results = [Result(r.name, r.size, log=f"logs/recipe_{r.name}.log") for r in planned_recipes(only)]
+def run_recipes(out: Path, budget: Budget, args: argparse.Namespace) -> List[Result]:
+    """Every planned recipe in its own process, ``args.jobs`` at a time, within ``args.recipe_step`` seconds."""
+    deadline = time.time() + min(args.recipe_step, budget.left())
+    results = [Result(r.name, r.size, log=f"logs/recipe_{r.name}.log") for r in planned_recipes(args.recipes)]
 
     def one(res: Result) -> Result:
         left = deadline - time.time()
         if left < 5:
             res.detail = "the recipe step's time ran out before it started"
             return res
-        cmd = [sys.executable, str(Path(__file__).relative_to(ROOT)), "recipe", res.name, str(out / "runs" / res.name)]
-        res.status, res.seconds, res.detail = run_logged(cmd, out / res.log, min(per_recipe, left),
+        cmd = [sys.executable, str(Path(__file__).relative_to(ROOT)), "recipe", res.name, str(out / "runs" / res.name),
+               args.device]
+        res.status, res.seconds, res.detail = run_logged(cmd, out / res.log, min(args.per_recipe, left),
                                                          env={"OMP_NUM_THREADS": "2"})
         if res.status == "passed":
             res.detail = ""
         print(f"  {res.status:9s} {res.seconds:6.1f} s  {res.name}  {res.detail}", flush=True)
         return res
 
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(args.jobs) as pool:
         return list(pool.map(one, results))
 
 
-def run_benches(out: Path, budget: Budget) -> List[Result]:
+def run_benches(out: Path, budget: Budget, device: str) -> List[Result]:
     results = []
     for name, args, limit in BENCHES:
         res = Result(name, "bench", log=f"logs/bench_{name}.log")
         if budget.left() > 10:
-            res.status, res.seconds, res.detail = run_logged(bench_command(name, args, out), out / res.log,
+            res.status, res.seconds, res.detail = run_logged(bench_command(name, args, out, device), out / res.log,
                                                              min(limit, budget.left()))
         else:
             res.detail = "the overall budget ran out before it started"
@@ -240,7 +263,7 @@ def _which(cmd: str) -> bool:
     return which(cmd) is not None
 
 
-def write_summary(out: Path, env: str, results: List[Result], seconds: float) -> bool:
+def write_summary(out: Path, env: str, results: List[Result], seconds: float, device: str = "cuda") -> bool:
     ok = all(r.status == "passed" for r in results)
     with open(out / "steps.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -252,12 +275,14 @@ def write_summary(out: Path, env: str, results: List[Result], seconds: float) ->
         w.writerow(["recipe", "size", "status", "seconds", "detail"])
         w.writerows([r.name, r.kind, r.status, f"{r.seconds:.1f}", r.detail] for r in recipes)
     counts = {s: sum(r.status == s for r in recipes) for s in ("passed", "failed", "timed out", "not run")}
-    text = [f"# GPU check: {'all passed' if ok else 'FAILURES'} ({seconds:.0f} s)", "", "```", env, "```", "",
+    title = "GPU check" if device == "cuda" else "GPU check rehearsed on the CPU"
+    text = [f"# {title}: {'all passed' if ok else 'FAILURES'} ({seconds:.0f} s)", "", "```", env, "```", "",
             "| step | status | seconds | detail |", "|---|---|---|---|"]
     text += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |" for r in results
              if r.kind not in ("cpu", "gpu")]
     tally = ", ".join(f"{v} {k}" for k, v in counts.items())
-    text += ["", f"## Recipes (fast_dev_run=3, bf16-mixed, one GPU): {tally}", "",
+    setting = "bf16-mixed, one GPU" if device == "cuda" else "the CPU tests' settings"
+    text += ["", f"## Recipes (fast_dev_run=3, {setting}): {tally}", "",
              "| recipe | size | status | seconds | detail |", "|---|---|---|---|---|"]
     text += [f"| {r.name} | {r.kind} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |"
              for r in recipes]
@@ -357,12 +382,12 @@ def dry_run(out: Path, only: Optional[List[str]], collect_tests: bool = True) ->
 # ---------------------------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------------------------
-def run_one_recipe(name: str, folder: str) -> int:
+def run_one_recipe(name: str, folder: str, device: str) -> int:
     """The child process of one recipe: write its data, then ``python -m recipes`` in this process."""
     import torch
 
     torch.set_flush_denormal(True)
-    args = recipe_args(name, Path(folder))
+    args = recipe_args(name, Path(folder), device)
     print("python -m recipes " + shlex.join(args), flush=True)
     from recipes.cli import main
 
@@ -431,8 +456,8 @@ def merge(out: Path, doc: Optional[Path] = None) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["recipe"] and len(argv) == 3:
-        return run_one_recipe(*argv[1:3])
+    if argv[:1] == ["recipe"] and len(argv) == 4:
+        return run_one_recipe(*argv[1:4])
     if argv[:1] == ["merge"] and len(argv) == 2:
         return merge(Path(argv[1]))
     if argv[:1] == ["wheels"]:
@@ -446,14 +471,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--recipes", nargs="+", default=None, help="only these recipes (default: all of recipes ls)")
     ap.add_argument("--jobs", type=int, default=12, help="recipes run at the same time")
     ap.add_argument("--per-recipe", type=float, default=150.0, help="time limit of one recipe run, seconds")
-    ap.add_argument("--budget", type=float, default=480.0, help="time limit of the whole check, seconds")
+    ap.add_argument("--pytest-step", type=float, default=130.0, help="time limit of pytest -m gpu, seconds")
+    ap.add_argument("--recipe-step", type=float, default=150.0, help="time limit of all recipe runs, seconds")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="time limit of the whole check, seconds (the benchmarks get what the steps before leave)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a rehearsal of the same run here (the recipes in their CPU test settings, the "
+                         "benchmarks' CPU modes; the gpu tests skip)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         return dry_run(args.out, args.recipes)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; use --dry-run to check the commands on this machine", file=sys.stderr)
         return 2
     start, budget = time.time(), Budget(args.budget)
@@ -461,13 +492,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(env, flush=True)
     results: List[Result] = []
     if "pytest" in args.steps:
-        results.append(run_pytest(args.out, budget))
+        results.append(run_pytest(args.out, budget, args.pytest_step))
         print(f"pytest -m gpu: {results[-1].status} ({results[-1].detail})", flush=True)
     if "recipes" in args.steps:
-        results += run_recipes(args.out, budget, args.recipes, args.jobs, args.per_recipe)
+        results += run_recipes(args.out, budget, args)
     if "bench" in args.steps:
-        results += run_benches(args.out, budget)
-    ok = write_summary(args.out, env, results, time.time() - start)
+        results += run_benches(args.out, budget, args.device)
+    ok = write_summary(args.out, env, results, time.time() - start, args.device)
     print((args.out / "summary.md").read_text())
     return 0 if ok else 1
 

@@ -55,6 +55,17 @@ def test_a_real_run_without_cuda_says_so(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_the_real_run_rehearsed_on_the_cpu(tmp_path):
+    """The non-dry path end to end (a child process per recipe, logs, CSVs, summary), in the CPU settings."""
+    out = tmp_path / "check"
+    argv = [str(out), "--device", "cpu", "--steps", "recipes", "--recipes", "fox_lm", "--jobs", "1"]
+    assert gpu_check.main(argv) == 0
+    assert (out / "summary.md").read_text().startswith("# GPU check rehearsed on the CPU: all passed")
+    assert (out / "recipes.csv").read_text().splitlines()[1].startswith("fox_lm,cpu,passed,")
+    log = (out / "logs" / "recipe_fox_lm.log").read_text()
+    assert "--trainer.accelerator=cpu" in log and "`Trainer.fit` stopped: `max_steps=3` reached." in log
+
+
 def test_run_logged_kills_the_whole_process_group_at_its_time_limit(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
@@ -63,7 +74,7 @@ def test_run_logged_kills_the_whole_process_group_at_its_time_limit(tmp_path):
     start = time.time()
     status, seconds, detail = gpu_check.run_logged([sys.executable, "-c", code], tmp_path / "log.txt", timeout=3)
     assert status == "timed out" and 2.5 < seconds < 30 and time.time() - start < 30
-    assert detail == "ValueError: bad"
+    assert detail == "stopped at its 3 s limit; last output: ValueError: bad"
     child = int(pid_file.read_text())
     for _ in range(50):  # the grandchild is gone too
         if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
@@ -113,3 +124,11 @@ def test_wheels_are_what_the_machine_lacks_at_the_tested_versions():
     from importlib.metadata import version
 
     assert f"jsonargparse=={version('jsonargparse')}" in reqs
+
+
+def test_recipes_run_longest_first_and_unmeasured_first_of_all(tmp_path, monkeypatch):
+    timings = tmp_path / "timings.csv"
+    timings.write_text("recipe,size,status,seconds,detail\nfox_lm,cpu,passed,9.0,\nspma_tabular,cpu,passed,30.5,\n")
+    monkeypatch.setattr(gpu_check, "TIMINGS", timings)
+    order = [r.name for r in gpu_check.planned_recipes(["fox_lm", "spma_tabular", "dpo_toy"])]
+    assert order == ["dpo_toy", "spma_tabular", "fox_lm"]
