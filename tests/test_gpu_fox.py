@@ -19,6 +19,20 @@ TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}  # max |got - ref| / max |ref|
 BACKENDS = ["flex", "fla"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def many_compiled_shapes():
+    """Every shape bucket compiles FlexAttention once; past dynamo's default recompile limit (8) it would silently
+    run eager (and materialise the T x T mask), so this file's ~20 buckets get room."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    old = getattr(cfg, limit)
+    setattr(cfg, limit, max(old, 64))
+    yield
+    setattr(cfg, limit, old)
+
+
 def need(backend):
     if backend == "fla" and not fla_available():
         pytest.skip("fla-core is not installed")
@@ -52,7 +66,7 @@ def assert_close(got, ref, dtype, what):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("t, d", [(1, 64), (100, 64), (1000, 64), (2048, 128), (777, 128)])
+@pytest.mark.parametrize("t, d", [(1, 64), (1000, 64), (2048, 128)])  # flex buckets: 128, 1024, 2048
 def test_kernel_matches_dense(backend, dtype, t, d):
     need(backend)
     xs = make(2, 4, t, t, d, dtype)
@@ -61,7 +75,7 @@ def test_kernel_matches_dense(backend, dtype, t, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tq, tk", [(1, 1), (1, 257), (16, 300), (64, 1024)])
+@pytest.mark.parametrize("tq, tk", [(1, 257), (16, 300), (64, 1024)])
 def test_flex_at_decode_shapes(dtype, tq, tk):
     """Queries are the last ``tq`` positions of ``tk`` keys (prefill chunks and single-token decode steps)."""
     xs = make(2, 4, tq, tk, 64, dtype, seed=1)
