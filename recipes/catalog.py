@@ -209,7 +209,7 @@ def ls(argv: List[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipes ls", description="List the shipped recipes.")
     ap.add_argument("--json", action="store_true", help="one JSON list of records, for scripts")
     ap.add_argument("--size", choices=SIZES, help="only CPU-sized or only GPU-sized recipes")
-    ap.error = _one_line_error
+    ap.error = one_line_error
     args = ap.parse_args(argv)
     rows = [r for r in recipes() if args.size in (None, r.size)]
     try:
@@ -219,7 +219,8 @@ def ls(argv: List[str]) -> int:
     return 0
 
 
-def _one_line_error(message: str) -> None:
+def one_line_error(message: str) -> None:
+    """argparse's ``error`` as one ``error: ...`` line and exit code 2 (no usage block)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

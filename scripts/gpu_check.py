@@ -48,6 +48,7 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from recipes.catalog import one_line_error  # noqa: E402
 from recipes.catalog import recipes as catalog_recipes  # noqa: E402
 
 # name, script and its arguments (OUT-relative outputs are added by ``bench_command``), time limit in seconds; sized
@@ -481,6 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a rehearsal of the same run here (the recipes in their CPU test settings, the "
                          "benchmarks' CPU modes; the gpu tests skip)")
+    ap.error = one_line_error
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:

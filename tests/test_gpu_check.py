@@ -49,6 +49,14 @@ def test_unknown_recipe_is_one_line(tmp_path):
         gpu_check.main([str(tmp_path), "--dry-run", "--recipes", "no_such_recipe"])
 
 
+def test_bad_flag_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main([str(tmp_path), "--steps", "foo"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'foo'" in err[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_a_real_run_without_cuda_says_so(tmp_path, capsys):
     assert gpu_check.main([str(tmp_path)]) == 2
